@@ -1,0 +1,76 @@
+"""What each job does, from a resolved config: the bodies behind the thin entry points in jobs/.
+
+Errors a user can fix (bad input, a mixed-config resume, an incomplete merge, a model that will not
+load) end the job with one clear message and exit status 2, not a stack trace.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+log = logging.getLogger("rsd_batch")
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig):
+        from .merge import MergeError
+        from .models import ModelLoadError
+        from .problems import ProblemSetError
+        from .runner import RunConfigMismatch
+        from .shards import ShardError
+
+        try:
+            return fn(cfg)
+        except (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+@user_errors
+def shard(cfg: DictConfig) -> dict:
+    from .problems import load_problems
+    from .shards import write_shards
+
+    problems = load_problems(cfg.dataset)
+    manifest = write_shards(problems, cfg.dataset, Path(cfg.run.dir), fresh=cfg.run.fresh)
+    print(f"sharded {manifest['num_rows']} problems of {cfg.dataset.name} into "
+          f"{len(manifest['shards'])} shards: {Path(cfg.run.dir) / 'manifest.json'}")
+    if manifest.get("quarantine"):
+        q = manifest["quarantine"]
+        print(f"warning: {q['rows']} bad rows were quarantined to {Path(cfg.run.dir) / q['path']}",
+              file=sys.stderr)
+    return manifest
+
+
+@user_errors
+def run(cfg: DictConfig) -> dict:
+    from .runner import run as run_shards
+
+    report = run_shards(cfg)
+    print(f"{len(report['ran'])} shards run, {report['skipped']} already done; "
+          f"results in {Path(cfg.run.dir) / 'results'}")
+    return report
+
+
+@user_errors
+def merge(cfg: DictConfig) -> dict:
+    from .merge import format_summary, merge_run
+
+    summary = merge_run(Path(cfg.run.dir))
+    print(format_summary(summary))
+    print(f"merged dataset: {summary['dataset']}\nsummary: {Path(cfg.run.dir) / 'summary.json'}")
+    return summary
+
+
+def main(cfg: DictConfig) -> dict:
+    """shard -> run -> merge in one go (each step skips what is already done)."""
+    shard(cfg)
+    run(cfg)
+    return merge(cfg)

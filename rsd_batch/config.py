@@ -1,0 +1,161 @@
+"""Structured configs for every job, registered with Hydra's ConfigStore.
+
+The dataclasses are the schema: `conf/config.yaml` starts from `config_schema`, so a misspelt key, a
+wrong type or an unknown enum value fails with Hydra's own error before anything is read or loaded.
+This module must not read files or load models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class OnBadRow(str, Enum):
+    error = "error"  # stop before writing any shard, naming file, row and field
+    skip = "skip"  # write the bad rows to quarantine.jsonl and report how many
+
+
+class OnDuplicateId(str, Enum):
+    error = "error"
+    keep_first = "keep_first"  # later rows with a seen id go to quarantine
+    number = "number"  # later rows get "<id>#2", "<id>#3", ...
+
+
+class AnswerFormat(str, Enum):
+    plain = "plain"  # the field is the answer
+    boxed = "boxed"  # the answer is the last \boxed{...} in the field
+    gsm8k = "gsm8k"  # the answer follows "####" at the end of a rationale
+
+
+@dataclass
+class FieldsConfig:
+    """Which source column holds what. Columns not named here are kept as metadata."""
+
+    problem: str = "problem"
+    answer: Optional[str] = "answer"  # null: no gold answer
+    id: Optional[str] = None  # null: id = hash of the problem text
+    metadata: Optional[list[str]] = None  # null: keep every other column; []: keep none
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    source: str = MISSING  # a local file, a `datasets` save_to_disk folder, or `hf:<name>`
+    format: str = "auto"  # auto | jsonl | json | parquet | csv | arrow | disk | hf
+    hf_config: Optional[str] = None
+    split: str = "test"
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    answer_format: AnswerFormat = AnswerFormat.plain
+    limit: Optional[int] = None  # keep only the first N rows (a pilot)
+    on_bad_row: OnBadRow = OnBadRow.error
+    on_duplicate_id: OnDuplicateId = OnDuplicateId.error
+    num_shards: Optional[int] = None  # null: as many as shard_size needs
+    shard_size: int = 1000
+
+
+class Dtype(str, Enum):
+    auto = "auto"  # float32 on CPU, bfloat16 on GPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # a local folder or a hub id
+    revision: Optional[str] = None
+    dtype: Dtype = Dtype.auto
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+    max_context: Optional[int] = None  # null: the model config's max_position_embeddings
+
+
+@dataclass
+class ModelsConfig:
+    draft: ModelConfig = field(default_factory=ModelConfig)
+    target: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class PrmConfig:
+    format: str = "math_shepherd"  # the adapter in rsd_batch/prms/
+    path: str = MISSING
+    revision: Optional[str] = None
+    dtype: Dtype = Dtype.auto
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptConfig:
+    name: str = "plain"
+    system: Optional[str] = None  # a system message, when the chat template is used
+    template: str = "{problem}"  # the user turn; {problem} is replaced
+    use_chat_template: bool = True  # false, or a tokenizer without one: the template text alone
+
+
+class MethodName(str, Enum):
+    target_only = "target_only"
+    draft_only = "draft_only"
+
+
+@dataclass
+class MethodConfig:
+    name: MethodName = MethodName.target_only
+    n: int = 1  # samples per problem
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 512
+    max_steps: int = 64
+    step_delimiter: str = "\n\n"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local: every shard in this process, one after the other
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # the run folder: manifest, shards, results, logs
+    shards_from: Optional[str] = None  # read the manifest from another run folder
+    batch_size: int = 16
+    seed: int = 0
+    fresh: bool = False  # discard results written under another config
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelsConfig = field(default_factory=ModelsConfig)
+    prm: PrmConfig = field(default_factory=PrmConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, jobs/, models/, data/
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    # `${rsd_root:}` in conf/ points at the checkout, so presets work from any working directory.
+    if not OmegaConf.has_resolver("rsd_root"):
+        OmegaConf.register_new_resolver("rsd_root", lambda: str(ROOT))
+
+
+def to_container(node: Any) -> Any:
+    """A plain, JSON-ready copy of a (sub)config with enums as their values."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+register()

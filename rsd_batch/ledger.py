@@ -1,0 +1,120 @@
+"""The cost formulas and the per-sample ledger record. This module computes; it never times anything.
+
+Forward FLOPs per token (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1):
+
+    C_forward(token) ≈ 2·N + 2·n_layer·n_ctx·d_attn
+
+N is the number of non-embedding parameters, n_ctx the number of positions the token attends to
+(its own included) and d_attn = n_heads·head_dim. Two choices, stated so they can be argued with:
+  * N leaves out embedding *lookups* (input token and learned position tables) but keeps the output
+    projection (lm_head) even when it is tied to the input embedding: it is a real d_model×vocab
+    matmul on every token, and for small models with large vocabularies it dominates.
+  * n_ctx is the real context of each token, not the model's maximum: prefilling P tokens after
+    `past` cached ones costs Σ_{i=1..P} [2N + 2·L·(past+i)·d_attn]; a decode step is the P=1 case.
+
+Sizes are read from the model *config* (the model is instantiated on the meta device, so no weights
+are touched), which makes the formula work for any Hugging Face causal LM or PRM.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+
+ROLES = ("draft", "target", "prm")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    non_embedding_params: int
+    n_layers: int
+    d_attn: int
+
+    def forward_flops(self, n_tokens: int, n_past: int = 0) -> int:
+        """FLOPs to run `n_tokens` new tokens through the model on top of `n_past` cached ones."""
+        if n_tokens <= 0:
+            return 0
+        attended = n_tokens * n_past + n_tokens * (n_tokens + 1) // 2  # Σ (past + i)
+        return 2 * self.non_embedding_params * n_tokens + 2 * self.n_layers * self.d_attn * attended
+
+    @classmethod
+    def from_config(cls, config) -> "CostModel":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return cls.from_model(model)
+
+    @classmethod
+    def from_model(cls, model) -> "CostModel":
+        """Count a model's parameters by the rule above (works on a meta-device model too)."""
+        from torch import nn
+
+        embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                         for p in m.parameters(recurse=False)}
+        params = {id(p): p for p in model.parameters()}  # tied tensors appear once
+        n = sum(p.numel() for k, p in params.items() if k not in embedding_ids)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is not None and id(out.weight) in embedding_ids:
+            n += out.weight.numel()  # tied lm_head: the matmul still happens
+        cfg = model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        return cls(non_embedding_params=int(n), n_layers=int(cfg.num_hidden_layers),
+                   d_attn=int(n_heads * head_dim))
+
+
+@dataclass
+class RoleCost:
+    """What one model spent on one sample."""
+
+    prefill_tokens: int = 0  # tokens processed in prefill forwards (prompt, and the other model's steps)
+    decode_tokens: int = 0  # tokens processed one at a time while generating
+    generated_tokens: int = 0  # tokens this model sampled
+    discarded_tokens: int = 0  # sampled tokens thrown away (a rejected draft step)
+    prefill_flops: int = 0
+    decode_flops: int = 0
+    seconds: float = 0.0  # this sample's share of the model's wall time (see engine)
+
+    @property
+    def flops(self) -> int:
+        return self.prefill_flops + self.decode_flops
+
+    def add_prefill(self, cost: CostModel, n_tokens: int, n_past: int) -> None:
+        self.prefill_tokens += n_tokens
+        self.prefill_flops += cost.forward_flops(n_tokens, n_past)
+
+    def add_decode(self, cost: CostModel, n_past: int) -> None:
+        self.decode_tokens += 1
+        self.decode_flops += cost.forward_flops(1, n_past)
+
+
+@dataclass
+class Ledger:
+    draft: RoleCost = field(default_factory=RoleCost)
+    target: RoleCost = field(default_factory=RoleCost)
+    prm: RoleCost = field(default_factory=RoleCost)
+    latency_seconds: float = 0.0  # from the start of the sample's batch to its last token
+
+    def role(self, name: str) -> RoleCost:
+        return getattr(self, name)
+
+    @property
+    def flops(self) -> int:
+        return sum(self.role(r).flops for r in ROLES)
+
+    def to_record(self) -> dict:
+        out = {r: {**asdict(self.role(r)), "flops": self.role(r).flops} for r in ROLES}
+        out["flops"] = self.flops
+        out["seconds"] = sum(self.role(r).seconds for r in ROLES)
+        out["latency_seconds"] = self.latency_seconds
+        return out
+
+
+_ROLE_TYPE = pa.struct([(f.name, pa.float64() if f.type in ("float", float) else pa.int64())
+                        for f in fields(RoleCost)] + [("flops", pa.int64())])
+LEDGER_TYPE = pa.struct([(r, _ROLE_TYPE) for r in ROLES]
+                        + [("flops", pa.int64()), ("seconds", pa.float64()),
+                           ("latency_seconds", pa.float64())])

@@ -1,0 +1,152 @@
+"""Merging a run: prove coverage against the manifest, write one dataset, summarise the ledger.
+
+    <run>/merged/data.parquet    every sample exactly once (datasets.load_dataset("parquet", ...))
+    <run>/summary.json           counts, finish reasons, accuracy, ledger totals and means per role
+
+Re-runs nothing: a shard without its DONE marker makes the merge fail and say which.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .files import atomic_path, read_arrow, read_json, write_json
+from .ledger import ROLES
+from .runner import RUN_FILE, result_paths
+from .shards import read_manifest, read_shard
+
+log = logging.getLogger(__name__)
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def _keys(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(table["id"], pc.cast(table["sample_index"], pa.string()), "\x1f")
+
+
+def _examples(arr: pa.Array, k: int = 5) -> str:
+    return ", ".join(repr(v.replace("\x1f", "#")) for v in arr.slice(0, k).to_pylist())
+
+
+def merge_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists():
+        raise MergeError(f"{run_dir} has no {RUN_FILE}: nothing was run there yet "
+                         f"(rsd-batch run run.dir={run_dir}).")
+    run_info = read_json(run_dir / RUN_FILE)
+    fp, shards_root = run_info["fingerprint"], Path(run_info["shards_dir"])
+    n = run_info["identity"]["method"]["n"]
+    manifest = read_manifest(shards_root)
+    missing_shards, tables = [], []
+    for entry in manifest["shards"]:
+        final, done, parts = result_paths(run_dir, entry["index"])
+        if not done.exists():
+            missing_shards.append(entry["index"])
+            continue
+        marker = read_json(done)
+        if marker["fingerprint"] != fp:
+            raise MergeError(f"{done}: written under config {marker['fingerprint']}, the run is {fp}; "
+                             "re-run that shard (delete the marker) or use run.fresh=true.")
+        tables.append(read_arrow(final))
+    if missing_shards:
+        shown = ", ".join(str(i) for i in missing_shards[:20])
+        raise MergeError(
+            f"{run_dir}: {len(missing_shards)} of {len(manifest['shards'])} shards are not done "
+            f"(shards {shown}{' ...' if len(missing_shards) > 20 else ''}). Finish them with "
+            f"`rsd-batch run run.dir={run_dir}` (it resumes), then merge again.")
+    merged = pa.concat_tables(tables, promote_options="default")
+    _check_coverage(merged, shards_root, manifest, n)
+    out = run_dir / "merged" / "data.parquet"
+    with atomic_path(out) as tmp:
+        pq.write_table(merged, tmp, compression="zstd")
+    summary = summarize(merged)
+    summary.update({"run_dir": str(run_dir), "fingerprint": fp, "dataset": str(out),
+                    "method": run_info["identity"]["method"]["name"],
+                    "quarantined_rows": (manifest.get("quarantine") or {}).get("rows", 0)})
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _check_coverage(merged: pa.Table, shards_root: Path, manifest: dict, n: int) -> None:
+    expected_ids = pa.concat_arrays([read_shard(shards_root, manifest, e["index"], verify=False)["id"]
+                                     .combine_chunks() for e in manifest["shards"]])
+    expected = pa.concat_arrays([
+        pc.binary_join_element_wise(expected_ids, pa.array([str(k)] * len(expected_ids)), "\x1f")
+        for k in range(n)])
+    got = _keys(merged).combine_chunks() if isinstance(_keys(merged), pa.ChunkedArray) else _keys(merged)
+    counts = pc.value_counts(got)
+    dups = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    unknown = got.filter(pc.invert(pc.is_in(got, value_set=expected)))
+    missing = expected.filter(pc.invert(pc.is_in(expected, value_set=got)))
+    problems = []
+    if len(missing):
+        problems.append(f"{len(missing)} missing samples (e.g. {_examples(missing)})")
+    if len(dups):
+        problems.append(f"{len(dups)} duplicated samples (e.g. {_examples(dups)})")
+    if len(unknown):
+        problems.append(f"{len(unknown)} samples not in the manifest (e.g. {_examples(unknown)})")
+    if problems:
+        raise MergeError("coverage check failed: " + "; ".join(problems)
+                         + ". The results do not match the shards; re-run the affected shards "
+                         "(delete their results/shard-*.done.json) or start with run.fresh=true.")
+
+
+def summarize(table: pa.Table) -> dict:
+    reasons = pc.value_counts(table["finish_reason"])
+    graded = table["correct"].drop_null()
+    ledger = table["ledger"].combine_chunks() if isinstance(table["ledger"], pa.ChunkedArray) \
+        else table["ledger"]
+    n = table.num_rows
+    per_role = {}
+    for role in ROLES:
+        col = ledger.field(role)
+        tot = {k: pc.sum(col.field(k)).as_py() or 0 for k in
+               ("prefill_tokens", "decode_tokens", "generated_tokens", "discarded_tokens", "flops",
+                "seconds")}
+        per_role[role] = {"total": tot, "mean": {k: v / n for k, v in tot.items()}}
+    return {
+        "samples": n,
+        "problems": len(pc.unique(table["id"])),
+        "finish_reasons": {r["values"]: r["counts"] for r in reasons.to_pylist()},
+        "graded": len(graded),
+        "correct": int(pc.sum(graded).as_py() or 0),
+        "accuracy": (pc.sum(graded).as_py() or 0) / len(graded) if len(graded) else None,
+        "flops": {"total": pc.sum(ledger.field("flops")).as_py() or 0,
+                  "mean": (pc.sum(ledger.field("flops")).as_py() or 0) / n},
+        "latency_seconds_mean": pc.mean(ledger.field("latency_seconds")).as_py(),
+        "roles": per_role,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The printed table: a few lines a person reads after a run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    acc = summary["accuracy"]
+    head = (f"{summary['samples']} samples of {summary['problems']} problems · method "
+            f"{summary['method']} · accuracy "
+            + (f"{acc:.1%} ({summary['correct']}/{summary['graded']} graded)" if acc is not None
+               else "n/a (no gold answers)")
+            + " · finish: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())))
+    t = Table(title=head, title_justify="left")
+    for col in ("role", "prefill tok", "decode tok", "generated tok", "FLOPs", "seconds",
+                "FLOPs/sample", "gen tok/sample"):
+        t.add_column(col, justify="right" if col != "role" else "left")
+    for role, d in summary["roles"].items():
+        tot, mean = d["total"], d["mean"]
+        if not any(tot.values()):
+            continue
+        t.add_row(role, f"{tot['prefill_tokens']:,}", f"{tot['decode_tokens']:,}",
+                  f"{tot['generated_tokens']:,}", f"{tot['flops']:.3e}", f"{tot['seconds']:.1f}",
+                  f"{mean['flops']:.3e}", f"{mean['generated_tokens']:.1f}")
+    console = Console(width=120, record=True, force_terminal=False)
+    with console.capture() as cap:
+        console.print(t)
+    return cap.get()

@@ -1,0 +1,246 @@
+"""Running shards: batches, atomic part commits, resume inside a shard, refusing mixed configs.
+
+    <run>/run.json                          the run's fingerprint and the resolved config behind it
+    <run>/results/shard-00000.parts/part-00000.arrow ...   committed batches of a shard in progress
+    <run>/results/shard-00000.arrow         the finished shard (rows in shard order)
+    <run>/results/shard-00000.done.json     written last: fingerprint, rows, sha256
+
+A batch is committed as one Arrow file renamed into place, so after a crash (even SIGKILL) every
+sample is either in exactly one part or not started; a relaunch reads the parts' ids and does the
+rest. Knows nothing about SLURM: a launcher calls `run_shard` for the shards it was given.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import pyarrow as pa
+
+from .config import Config, to_container
+from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
+from .grading import extract_answer, is_correct
+from .ledger import LEDGER_TYPE
+from .methods import Context, Method, Result, Task, get_method
+from .shards import read_manifest, read_shard, shard_name
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+STEP_TYPE = pa.struct([("text", pa.string()), ("source", pa.string()), ("reward", pa.float64()),
+                       ("accepted", pa.bool_())])
+OUTPUT_FIELDS = [
+    ("sample_index", pa.int32()), ("shard", pa.int32()), ("output", pa.string()),
+    ("steps", pa.list_(STEP_TYPE)), ("num_steps", pa.int32()), ("finish_reason", pa.string()),
+    ("extracted_answer", pa.string()), ("correct", pa.bool_()), ("error", pa.string()),
+    ("ledger", LEDGER_TYPE),
+]
+
+
+class RunConfigMismatch(RuntimeError):
+    pass
+
+
+def shards_dir(cfg: Config) -> Path:
+    return Path(cfg.run.shards_from or cfg.run.dir)
+
+
+def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
+    """Everything that decides a run's outputs, and nothing that does not (batch size, launcher)."""
+    identity = {
+        "shards": manifest["fingerprint"],
+        "method": to_container(cfg.method),
+        "prompt": to_container(cfg.prompt),
+        "seed": cfg.run.seed,
+        "models": {},
+    }
+    for role in method.roles:
+        node = cfg.prm if role == "prm" else cfg.model[role]
+        entry = to_container(node)
+        entry.pop("device", None)  # where it runs, not what it computes
+        identity["models"][role] = entry
+    return identity
+
+
+def claim_run_dir(run_dir: Path, cfg: Config, identity: dict) -> str:
+    """Record this run's config in the folder, or refuse if the folder holds another config's results."""
+    fp = fingerprint(identity)
+    path = run_dir / RUN_FILE
+    if path.exists():
+        old = read_json(path)
+        if old["fingerprint"] != fp:
+            if not cfg.run.fresh:
+                changes = _diff(old["identity"], identity)
+                raise RunConfigMismatch(
+                    f"{run_dir} holds results of another configuration (fingerprint "
+                    f"{old['fingerprint']}, now {fp}); reusing them would mix two configs. "
+                    f"What changed: {'; '.join(changes[:8])}"
+                    f"{' ...' if len(changes) > 8 else ''}. Use another run.dir, or set "
+                    "run.fresh=true to delete the old results and start again.")
+            log.warning("run.fresh=true: deleting the results of config %s in %s", old["fingerprint"], run_dir)
+            shutil.rmtree(run_dir / "results", ignore_errors=True)
+            shutil.rmtree(run_dir / "merged", ignore_errors=True)
+        elif old.get("shards_dir") == str(shards_dir(cfg).resolve()):
+            return fp
+    write_json(path, {"fingerprint": fp, "identity": identity,
+                      "shards_dir": str(shards_dir(cfg).resolve()),
+                      "config": to_container(cfg)})
+    return fp
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def result_paths(run_dir: Path, index: int) -> tuple[Path, Path, Path]:
+    base = Path(run_dir) / "results" / shard_name(index)
+    return base.with_suffix(".arrow"), base.with_suffix(".done.json"), base.with_suffix(".parts")
+
+
+def shard_done(run_dir: Path, index: int, fp: str) -> bool:
+    final, done, parts = result_paths(run_dir, index)
+    if done.exists():
+        return read_json(done).get("fingerprint") == fp
+    if final.exists():  # crashed between the final rename and the DONE marker: finish the commit
+        _mark_done(final, done, parts, fp)
+        return True
+    return False
+
+
+def committed_keys(parts_dir: Path) -> set[tuple[str, int]]:
+    """(id, sample_index) of every committed sample of a shard in progress."""
+    keys: set[tuple[str, int]] = set()
+    for part in sorted(parts_dir.glob("part-*.arrow")):
+        t = read_arrow(part, ["id", "sample_index"])
+        keys.update(zip(t["id"].to_pylist(), t["sample_index"].to_pylist()))
+    return keys
+
+
+def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, method: Method, ctx: Context,
+              fp: str, batch_size: int, on_batch: Optional[Callable[[int], None]] = None,
+              should_stop: Optional[Callable[[], bool]] = None) -> bool:
+    """Run what is left of one shard; returns True when the shard is complete."""
+    final, done, parts_dir = result_paths(run_dir, index)
+    if shard_done(run_dir, index, fp):
+        return True
+    table = read_shard(shards_root, manifest, index)
+    seen = committed_keys(parts_dir) if parts_dir.exists() else set()
+    n = ctx.method.n
+    ids, problems = table["id"].to_pylist(), table["problem"].to_pylist()
+    todo = [(row, k) for row in range(len(table)) for k in range(n) if (ids[row], k) not in seen]
+    next_part = len(list(parts_dir.glob("part-*.arrow"))) if parts_dir.exists() else 0
+    for start in range(0, len(todo), batch_size):
+        if should_stop is not None and should_stop():
+            return False
+        batch = todo[start:start + batch_size]
+        tasks = [Task(ids[row], k, problems[row]) for row, k in batch]
+        results = method.run(tasks, ctx)
+        part = records_table(table, index, batch, results, fp)
+        write_arrow(parts_dir / f"part-{next_part:05d}.arrow", part)
+        next_part += 1
+        if on_batch is not None:
+            on_batch(len(batch))
+    _finish_shard(parts_dir, final, done, fp, len(table) * n)
+    return True
+
+
+def records_table(shard: pa.Table, index: int, batch: list[tuple[int, int]], results: list[Result],
+                  fp: str) -> pa.Table:
+    """One Arrow table of output records: the shard's columns for each task, then what was decoded."""
+    base = shard.take(pa.array([row for row, _ in batch], pa.int64()))
+    golds = base["answer"].to_pylist()
+    out = {
+        "sample_index": [k for _, k in batch],
+        "shard": [index] * len(batch),
+        "output": [r.output for r in results],
+        "steps": [[asdict(s) for s in r.steps] for r in results],
+        "num_steps": [len(r.steps) for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "extracted_answer": [], "correct": [], "error": [r.error for r in results],
+        "ledger": [r.ledger.to_record() for r in results],
+    }
+    for r, gold in zip(results, golds):
+        pred = extract_answer(r.output) if r.error is None else None
+        out["extracted_answer"].append(pred)
+        out["correct"].append(is_correct(pred, gold) if r.error is None else (None if gold is None else False))
+    for name, typ in OUTPUT_FIELDS:
+        base = base.append_column(pa.field(name, typ), pa.array(out[name], typ))
+    return base.replace_schema_metadata({"rsd_batch.fingerprint": fp})
+
+
+def _finish_shard(parts_dir: Path, final: Path, done: Path, fp: str, expected: int) -> None:
+    parts = sorted(parts_dir.glob("part-*.arrow"))
+    table = pa.concat_tables([read_arrow(p) for p in parts])
+    if table.num_rows != expected:
+        raise RuntimeError(f"{parts_dir}: {table.num_rows} committed samples, expected {expected}; "
+                           "the parts were changed by something else. Delete the folder to redo the shard.")
+    # Shard order, whatever the order of commits: the finished file does not depend on crashes.
+    write_arrow(final, table.sort_by([("source_row", "ascending"), ("sample_index", "ascending")]))
+    _mark_done(final, done, parts_dir, fp)
+
+
+def _mark_done(final: Path, done: Path, parts_dir: Path, fp: str) -> None:
+    table = read_arrow(final, ["id"])
+    write_json(done, {"fingerprint": fp, "rows": table.num_rows, "sha256": sha256_file(final)})
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- all shards of a run
+
+
+def load_models(cfg: Config, roles: Iterable[str]) -> dict:
+    from .models import load_causal_lm
+
+    models = {}
+    for role in roles:
+        if role == "prm":
+            from .prms import load_prm
+            models[role] = load_prm(cfg.prm)
+        else:
+            models[role] = load_causal_lm(cfg.model[role], role)
+    return models
+
+
+def run(cfg: Config, shard_indices: Optional[list[int]] = None) -> dict:
+    """Run every pending shard (or the given ones) in this process. Returns a small report."""
+    run_dir = Path(cfg.run.dir)
+    manifest = read_manifest(shards_dir(cfg))
+    method = get_method(cfg.method.name.value)
+    fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))
+    indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
+    pending = [i for i in indices if not shard_done(run_dir, i, fp)]
+    report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
+              "skipped": len(list(indices)) - len(pending), "ran": pending}
+    if not pending:
+        log.info("all %d shards of %s are done (fingerprint %s)", len(list(indices)), run_dir, fp)
+        return report
+    n = cfg.method.n
+    left = 0
+    for i in pending:
+        _, _, parts = result_paths(run_dir, i)
+        left += manifest["shards"][i]["rows"] * n - (len(committed_keys(parts)) if parts.exists() else 0)
+    log.info("%d of %d shards to run, %d samples left; results in %s",
+             len(pending), len(list(indices)), left, run_dir / "results")
+    ctx = Context(models=load_models(cfg, method.roles), method=cfg.method, prompt=cfg.prompt,
+                  seed=cfg.run.seed)
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=left, desc=f"{method.name}", unit="sample", disable=not cfg.run.progress,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for i in pending:
+            bar.set_postfix_str(shard_name(i))
+            run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size, on_batch=bar.update)
+    report["seconds"] = time.perf_counter() - t0
+    return report
