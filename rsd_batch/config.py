@@ -15,18 +15,25 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-class OnBadRow(str, Enum):
+class Choice(str, Enum):
+    """A config enum that reads as its value in interpolations (`runs/${method.name}`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class OnBadRow(Choice):
     error = "error"  # stop before writing any shard, naming file, row and field
     skip = "skip"  # write the bad rows to quarantine.jsonl and report how many
 
 
-class OnDuplicateId(str, Enum):
+class OnDuplicateId(Choice):
     error = "error"
     keep_first = "keep_first"  # later rows with a seen id go to quarantine
     number = "number"  # later rows get "<id>#2", "<id>#3", ...
 
 
-class AnswerFormat(str, Enum):
+class AnswerFormat(Choice):
     plain = "plain"  # the field is the answer
     boxed = "boxed"  # the answer is the last \boxed{...} in the field
     gsm8k = "gsm8k"  # the answer follows "####" at the end of a rationale
@@ -58,7 +65,7 @@ class DatasetConfig:
     shard_size: int = 1000
 
 
-class Dtype(str, Enum):
+class Dtype(Choice):
     auto = "auto"  # float32 on CPU, bfloat16 on GPU
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -99,7 +106,7 @@ class PromptConfig:
     use_chat_template: bool = True  # false, or a tokenizer without one: the template text alone
 
 
-class MethodName(str, Enum):
+class MethodName(Choice):
     target_only = "target_only"
     draft_only = "draft_only"
 

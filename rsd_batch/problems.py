@@ -73,7 +73,7 @@ def load_problems(cfg: DatasetConfig) -> ProblemSet:
         bad = [b for b in bad if b.row <= (int(table["source_row"][-1].as_py()) if len(table) else 0)]
     table, more_bad = _map_fields(table, cfg)
     bad = sorted(bad + more_bad, key=lambda b: b.row)
-    table, dup_bad, dropped = _assign_ids(table, cfg)
+    table, dup_bad, dropped = _assign_ids(table, cfg, unit)
     bad += dup_bad
     name = source.get("path") or source.get("name")
     if bad and cfg.on_bad_row == OnBadRow.error:
@@ -181,12 +181,13 @@ def _read_jsonl(data: bytes):
     """Fast path with Arrow's reader; on any complaint, a line-by-line pass that names the line."""
     import pyarrow.json as pjson
     try:
+        data.decode("utf-8")  # Arrow's reader lets bad bytes through; the slow path names the line
         table = pjson.read_json(pa.BufferReader(data),
                                 read_options=pjson.ReadOptions(block_size=16 << 20))
         lines = _nonblank_line_numbers(data)
         if len(table) == len(lines):
             return table.append_column("source_row", pa.array(lines)), []
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, UnicodeDecodeError):
         pass
     rows, bad = [], []
     for n, line in enumerate(data.split(b"\n"), 1):
@@ -421,7 +422,7 @@ def _row_as_dict(table: pa.Table, i: int) -> dict:
                 else v) for k, v in row.items()}
 
 
-def _assign_ids(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[BadRow], list[BadRow]]:
+def _assign_ids(table: pa.Table, cfg: DatasetConfig, unit: str) -> tuple[pa.Table, list[BadRow], list[BadRow]]:
     """Ids for every row; returns (table, bad rows, rows dropped by on_duplicate_id=keep_first)."""
     if "id" not in table.column_names:
         # Stable across runs and machines: the problem text decides the id.
@@ -455,7 +456,7 @@ def _assign_ids(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
             new[i] = f"{key}#{k[key]}"
         return table.set_column(0, "id", pa.array(new, pa.string())), [], []
     bad = [BadRow(int(rows[i]), cfg.fields.id or "problem",
-                  f"duplicate id '{key}' (first seen at row {first})"
+                  f"duplicate id '{key}' (first seen at {unit} {first})"
                   + ("" if cfg.fields.id else ": the same problem text appears twice"),
                   "Set dataset.on_duplicate_id=keep_first to keep the first and quarantine the "
                   "rest, or =number to suffix later ones with #2, #3, ...",

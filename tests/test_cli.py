@@ -1,0 +1,62 @@
+"""The `rsd-batch` command as a user runs it: Hydra validation, --cfg, multirun, clear errors."""
+from __future__ import annotations
+
+import json
+
+from rsd_batch.config import ROOT
+
+from conftest import cli
+
+
+def test_main_job_prints_summary_and_where_outputs_are(tiny_run_args, tmp_path):
+    proc = cli("main", *tiny_run_args)
+    out = proc.stdout
+    assert "sharded 24 problems" in out and "3 shards run, 0 already done" in out
+    assert "24 samples of 24 problems" in out and "target" in out and "FLOPs/sample" in out
+    assert f"merged dataset: {tmp_path / 'run' / 'merged' / 'data.parquet'}" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["samples"] == 24 and summary["method"] == "target_only"
+    assert (tmp_path / "run" / "run.json").exists()
+    assert list((tmp_path / "run" / "logs" / "hydra").glob("*/.hydra/config.yaml"))
+    again = cli("main", *tiny_run_args).stdout  # everything is done: nothing runs twice
+    assert "0 shards run, 3 already done" in again
+
+
+def test_config_errors_fail_before_anything_runs(tmp_path):
+    bad_key = cli("shard", "run.batchsize=3", f"run.dir={tmp_path}", check=False)
+    assert bad_key.returncode != 0 and "Key 'batchsize' not in 'RunConfig'" in bad_key.stderr
+    bad_type = cli("shard", "run.batch_size=lots", f"run.dir={tmp_path}", check=False)
+    assert bad_type.returncode != 0 and "batch_size" in bad_type.stderr
+    bad_enum = cli("shard", "dataset.on_bad_row=maybe", f"run.dir={tmp_path}", check=False)
+    assert bad_enum.returncode != 0 and "on_bad_row" in bad_enum.stderr
+    bad_method = cli("run", "method.name=beam", f"run.dir={tmp_path}", check=False)
+    assert bad_method.returncode != 0 and "Invalid value 'beam'" in bad_method.stderr
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_cfg_job_prints_the_resolved_config():
+    out = cli("run", "run.batch_size=7", "--cfg", "job", "--resolve").stdout
+    assert "batch_size: 7" in out and "name: toy_arith" in out
+    assert "dir: runs/toy_arith-target_only" in out and "${" not in out
+    assert f"path: {ROOT}/models/toy/target" in out
+
+
+def test_user_errors_are_one_message_not_a_traceback(tiny_run_args, tmp_path):
+    missing = cli("shard", "dataset.source=/nope/problems.jsonl", f"run.dir={tmp_path}", check=False)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: /nope/problems.jsonl: no such file")
+    assert "Traceback" not in missing.stderr
+    cli("shard", *tiny_run_args)
+    unmerged = cli("merge", *tiny_run_args, check=False)
+    assert unmerged.returncode == 2 and "nothing was run there yet" in unmerged.stderr
+    no_model = cli("run", *tiny_run_args, "model.target.path=/nope/model", check=False)
+    assert no_model.returncode == 2 and "model.target.path='/nope/model' could not be loaded" in no_model.stderr
+
+
+def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):
+    args = [a for a in tiny_run_args if not a.startswith("run.dir")]
+    proc = cli("main", "-m", "method=target_only,draft_only", *args,
+               f"run.dir={tmp_path}/sweep/" + "${method.name}")
+    for m in ("target_only", "draft_only"):
+        summary = json.loads((tmp_path / "sweep" / m / "summary.json").read_text())
+        assert summary["method"] == m and summary["samples"] == 24
+    assert proc.stdout.count("24 samples of 24 problems") == 2

@@ -1,0 +1,217 @@
+"""Reading problem sets: every source kind, the five real benchmark files, every kind of bad row."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rsd_batch.problems import ProblemSetError, load_problems
+from rsd_batch.shards import read_manifest, write_shards
+
+from conftest import SHARED_DATA, make_config
+
+REAL_SETS = {  # preset -> (rows, rows whose gold answer can be read)
+    "math500": (500, 500),
+    "gsm8k": (1319, 1319),
+    "minerva_math": (272, None),
+    "gaokao2023en": (385, 385),
+    "olympiadbench": (675, 675),
+}
+
+
+def dataset_cfg(*overrides):
+    return make_config(*overrides).dataset
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in raw_lines:
+            f.write(line + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("preset", sorted(REAL_SETS))
+def test_real_benchmark_files_shard_with_their_presets(preset, tmp_path):
+    cfg = dataset_cfg(f"dataset={preset}")
+    ps = load_problems(cfg)
+    rows, with_answer = REAL_SETS[preset]
+    assert len(ps.table) == rows and ps.bad_rows == []
+    assert ps.table.column_names[:4] == ["id", "problem", "answer", "source_row"]
+    assert len(set(ps.table["id"].to_pylist())) == rows
+    assert all(p.strip() for p in ps.table["problem"].to_pylist())
+    if with_answer is not None:
+        assert len(ps.table) - ps.table["answer"].null_count == with_answer
+    manifest = write_shards(ps, cfg, tmp_path)
+    assert sum(s["rows"] for s in manifest["shards"]) == rows
+    assert manifest["source"]["sha256"] and manifest["num_rows"] == rows
+
+
+def test_field_mapping_answers_and_metadata():
+    gsm = load_problems(dataset_cfg("dataset=gsm8k")).table.slice(0, 1).to_pylist()[0]
+    assert gsm["answer"] == "18"  # read from "#### 18" at the end of the rationale
+    assert gsm["metadata"]["answer"].endswith("#### 18")  # the rationale is kept
+    oly = load_problems(dataset_cfg("dataset=olympiadbench")).table.slice(0, 1).to_pylist()[0]
+    assert oly["id"] == "1606" and oly["answer"] == "2"  # a list answer, an integer id
+    assert oly["metadata"]["answer_type"] == "Numerical"
+    m500 = load_problems(dataset_cfg("dataset=math500")).table.slice(0, 1).to_pylist()[0]
+    assert m500["id"] == "test/precalculus/807.json" and m500["metadata"]["level"] == 2
+
+
+def test_hash_ids_are_stable_and_given_ids_kept(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1)}
+                                             for i in range(5)])
+    a = load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.id=null")).table
+    b = load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.id=null")).table
+    assert a["id"].to_pylist() == b["id"].to_pylist()
+    assert len(set(a["id"].to_pylist())) == 5 and all(len(i) == 16 for i in a["id"].to_pylist())
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv", "arrow_file", "arrow_stream", "disk"])
+def test_every_source_kind_reads_the_same_rows(kind, tmp_path):
+    rows = [{"pid": f"p{i}", "question": f"Compute {i} * 3.", "gold": str(3 * i), "level": i % 3}
+            for i in range(7)]
+    table = pa.Table.from_pylist(rows)
+    path = tmp_path / {"jsonl": "s.jsonl", "json": "s.json", "parquet": "s.parquet", "csv": "s.csv",
+                       "arrow_file": "s.arrow", "arrow_stream": "s.arrow", "disk": "ds"}[kind]
+    if kind == "jsonl":
+        write_jsonl(path, rows)
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "parquet":
+        pq.write_table(table, path)
+    elif kind == "csv":
+        import pyarrow.csv as pcsv
+        pcsv.write_csv(table, path)
+    elif kind == "arrow_file":
+        with pa.ipc.new_file(str(path), table.schema) as w:
+            w.write_table(table)
+    elif kind == "arrow_stream":
+        with pa.ipc.new_stream(str(path), table.schema) as w:
+            w.write_table(table)
+    else:
+        import datasets
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    got = load_problems(dataset_cfg(f"dataset.source={path}", "dataset.fields.problem=question",
+                                    "dataset.fields.answer=gold", "dataset.fields.id=pid")).table
+    assert got["id"].to_pylist() == [r["pid"] for r in rows]
+    assert got["problem"].to_pylist() == [r["question"] for r in rows]
+    assert got["answer"].to_pylist() == [r["gold"] for r in rows]
+    assert got["metadata"].to_pylist() == [{"level": r["level"]} for r in rows]
+    assert got["source_row"].to_pylist() == list(range(1, 8))
+
+
+# ---------------------------------------------------------------- bad input
+
+GOOD = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
+
+
+def bad_case(tmp_path, name):
+    """A file with one bad row at line 3; returns (path, field named in the error, words in it)."""
+    p = tmp_path / "bad.jsonl"
+    rows, raw = list(GOOD[:2]), []
+    if name == "malformed_json":
+        raw = [b'{"id": "q9", "problem": "What is 1 + 1?", "answer": "2"']
+        field, words = None, "malformed JSON"
+    elif name == "missing_problem":
+        rows.append({"id": "q9", "answer": "2"})
+        field, words = "problem", "missing or empty"
+    elif name == "empty_problem":
+        rows.append({"id": "q9", "problem": "   ", "answer": "2"})
+        field, words = "problem", "missing or empty"
+    elif name == "wrong_type":
+        rows.append({"id": "q9", "problem": {"text": "What?"}, "answer": "2"})
+        field, words = "problem", "wrong type"
+    elif name == "non_utf8":
+        raw = ['{"id": "q9", "problem": "caf\xe9 costs?", "answer": "2"}'.encode("latin-1")]
+        field, words = None, "not valid UTF-8"
+    elif name == "not_an_object":
+        raw = [b'["a list", "not an object"]']
+        field, words = None, "not an object"
+    else:
+        raise ValueError(name)
+    with open(p, "wb") as f:
+        for r in rows:
+            f.write((json.dumps(r) + "\n").encode())
+        for line in raw:
+            f.write(line + b"\n")
+        f.write((json.dumps(GOOD[3]) + "\n").encode())
+    return p, field, words
+
+
+BAD_CASES = ["malformed_json", "missing_problem", "empty_problem", "wrong_type", "non_utf8", "not_an_object"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_row_stops_before_any_shard_naming_file_line_field(case, tmp_path):
+    path, field, words = bad_case(tmp_path, case)
+    cfg = dataset_cfg(f"dataset.source={path}")
+    with pytest.raises(ProblemSetError) as err:
+        write_shards(load_problems(cfg), cfg, tmp_path / "run")
+    msg = str(err.value)
+    assert str(path.resolve()) in msg and "line 3" in msg and words in msg
+    if field:
+        assert f"field '{field}'" in msg
+    assert "on_bad_row=skip" in msg or "UTF-8" in msg  # says what to do
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_skip_quarantines_bad_rows_and_keeps_the_rest(case, tmp_path):
+    path, field, words = bad_case(tmp_path, case)
+    cfg = dataset_cfg(f"dataset.source={path}", "dataset.on_bad_row=skip")
+    manifest = write_shards(load_problems(cfg), cfg, tmp_path / "run")
+    assert manifest["num_rows"] == 3 and manifest["quarantine"]["rows"] == 1
+    q = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
+    assert len(q) == 1 and q[0]["line"] == 3 and words in q[0]["reason"] and q[0]["field"] == field
+    assert q[0]["raw"]  # the row itself, to fix and re-run
+
+
+def test_unknown_file_type_and_missing_file(tmp_path):
+    p = tmp_path / "problems.xlsx"
+    p.write_text("x")
+    with pytest.raises(ProblemSetError, match=r"unknown file type '.xlsx'.*dataset.format"):
+        load_problems(dataset_cfg(f"dataset.source={p}"))
+    with pytest.raises(ProblemSetError, match="no such file"):
+        load_problems(dataset_cfg(f"dataset.source={tmp_path / 'nope.jsonl'}"))
+
+
+def test_unknown_column_names_the_columns(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"question": "1+1?", "answer": "2"}])
+    with pytest.raises(ProblemSetError, match=r"no column 'problem'.*question, answer.*fields.problem"):
+        load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.id=null"))
+
+
+def test_duplicate_ids(tmp_path):
+    rows = [{"id": "a", "problem": "p1"}, {"id": "b", "problem": "p2"}, {"id": "a", "problem": "p3"}]
+    src = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ProblemSetError, match=r"line 3.*duplicate id 'a' \(first seen at line 1\)"):
+        load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.answer=null"))
+    kept = load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.answer=null",
+                                     "dataset.on_duplicate_id=keep_first"))
+    assert kept.table["problem"].to_pylist() == ["p1", "p2"] and len(kept.bad_rows) == 1
+    numbered = load_problems(dataset_cfg(f"dataset.source={src}", "dataset.fields.answer=null",
+                                         "dataset.on_duplicate_id=number"))
+    assert numbered.table["id"].to_pylist() == ["a", "b", "a#2"]
+    # Without an id column the same problem text twice is a duplicate too.
+    same = write_jsonl(tmp_path / "q.jsonl", [{"problem": "x"}, {"problem": "x"}])
+    with pytest.raises(ProblemSetError, match="the same problem text appears twice"):
+        load_problems(dataset_cfg(f"dataset.source={same}", "dataset.fields.id=null",
+                                  "dataset.fields.answer=null"))
+
+
+def test_hub_name_without_network_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ProblemSetError, match=r"could not load the Hugging Face dataset 'openai/gsm8k'.*save_to_disk"):
+        load_problems(dataset_cfg("dataset.source=hf:openai/gsm8k", "dataset.hf_config=main"))
+
+
+def test_manifest_is_read_back(tmp_path):
+    cfg = dataset_cfg("dataset=gaokao2023en", "dataset.shard_size=100")
+    write_shards(load_problems(cfg), cfg, tmp_path)
+    m = read_manifest(tmp_path)
+    assert [s["rows"] for s in m["shards"]] == [97, 96, 96, 96]

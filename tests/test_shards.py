@@ -1,0 +1,64 @@
+"""Shards and manifest: determinism, integrity, refusing to mix problem sets in one run folder."""
+from __future__ import annotations
+
+import pytest
+
+from rsd_batch.files import read_arrow, sha256_file
+from rsd_batch.problems import load_problems
+from rsd_batch.shards import ShardError, plan_shards, read_shard, write_shards
+
+from conftest import make_config
+
+
+def shard(run_dir, *overrides):
+    cfg = make_config("dataset=math500", *overrides).dataset
+    return write_shards(load_problems(cfg), cfg, run_dir)
+
+
+def test_same_input_and_config_give_byte_identical_shards(tmp_path):
+    a = shard(tmp_path / "a", "dataset.shard_size=64")
+    b = shard(tmp_path / "b", "dataset.shard_size=64")
+    assert a == b
+    for s in a["shards"]:
+        assert (tmp_path / "a" / s["path"]).read_bytes() == (tmp_path / "b" / s["path"]).read_bytes()
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+
+
+def test_manifest_describes_the_shards(tmp_path):
+    m = shard(tmp_path, "dataset.num_shards=3")
+    assert [s["rows"] for s in m["shards"]] == [167, 167, 166]
+    ids = []
+    for s in m["shards"]:
+        assert sha256_file(tmp_path / s["path"]) == s["sha256"]
+        t = read_arrow(tmp_path / s["path"])
+        assert t.num_rows == s["rows"]
+        ids += t["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == m["num_rows"] == 500
+    assert "problem: string" in m["schema"] and m["dataset"]["name"] == "math500"
+    assert m["source"]["format"] == "jsonl" and len(m["source"]["sha256"]) == 64
+
+
+def test_reshard_is_a_noop_and_a_different_config_is_refused(tmp_path):
+    m1 = shard(tmp_path, "dataset.shard_size=100")
+    mtime = (tmp_path / m1["shards"][0]["path"]).stat().st_mtime_ns
+    assert shard(tmp_path, "dataset.shard_size=100") == m1
+    assert (tmp_path / m1["shards"][0]["path"]).stat().st_mtime_ns == mtime
+    with pytest.raises(ShardError, match="already holds shards of another"):
+        shard(tmp_path, "dataset.shard_size=50")
+
+
+def test_tampered_shard_is_detected(tmp_path):
+    m = shard(tmp_path, "dataset.shard_size=250")
+    path = tmp_path / m["shards"][1]["path"]
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ShardError, match="sha256 does not match"):
+        read_shard(tmp_path, m, 1)
+
+
+@pytest.mark.parametrize("rows,size,n,expect", [(10, 4, None, [4, 3, 3]), (3, 1000, None, [3]),
+                                                 (5, 1, 8, [1, 1, 1, 1, 1]), (7, 100, 2, [4, 3])])
+def test_plan_shards(rows, size, n, expect):
+    cfg = make_config(f"dataset.shard_size={size}", f"dataset.num_shards={n if n else 'null'}").dataset
+    plan = plan_shards(rows, cfg)
+    assert [length for _, length in plan] == expect
+    assert [off for off, _ in plan] == [sum(expect[:i]) for i in range(len(expect))]
