@@ -137,7 +137,7 @@ def format_summary(summary: dict) -> str:
             + " · finish: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())))
     t = Table(title=head, title_justify="left")
     for col in ("role", "prefill tok", "decode tok", "generated tok", "FLOPs", "seconds",
-                "FLOPs/sample", "gen tok/sample"):
+                "gen tok/sample", "FLOPs/sample", "s/sample"):
         t.add_column(col, justify="right" if col != "role" else "left")
     for role, d in summary["roles"].items():
         tot, mean = d["total"], d["mean"]
@@ -145,7 +145,7 @@ def format_summary(summary: dict) -> str:
             continue
         t.add_row(role, f"{tot['prefill_tokens']:,}", f"{tot['decode_tokens']:,}",
                   f"{tot['generated_tokens']:,}", f"{tot['flops']:.3e}", f"{tot['seconds']:.1f}",
-                  f"{mean['flops']:.3e}", f"{mean['generated_tokens']:.1f}")
+                  f"{mean['generated_tokens']:.1f}", f"{mean['flops']:.3e}", f"{mean['seconds']:.3f}")
     console = Console(width=120, record=True, force_terminal=False)
     with console.capture() as cap:
         console.print(t)

@@ -12,6 +12,7 @@ rest. Knows nothing about SLURM: a launcher calls `run_shard` for the shards it 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -127,6 +128,17 @@ def committed_keys(parts_dir: Path) -> set[tuple[str, int]]:
     return keys
 
 
+def part_name(seq: int, rows: int) -> str:
+    # The row count in the name lets a resume scan count committed work from one directory listing.
+    return f"part-{seq:05d}-n{rows}.arrow"
+
+
+def committed_count(parts_dir: Path) -> int:
+    """Samples committed in a shard's parts, counted from the part names (no file is opened)."""
+    return sum(int(name.rsplit("-n", 1)[1][:-6]) for name in os.listdir(parts_dir)
+               if name.startswith("part-") and name.endswith(".arrow"))
+
+
 def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, method: Method, ctx: Context,
               fp: str, batch_size: int, on_batch: Optional[Callable[[int], None]] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> bool:
@@ -147,7 +159,7 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
         tasks = [Task(ids[row], k, problems[row]) for row, k in batch]
         results = method.run(tasks, ctx)
         part = records_table(table, index, batch, results, fp)
-        write_arrow(parts_dir / f"part-{next_part:05d}.arrow", part)
+        write_arrow(parts_dir / part_name(next_part, len(batch)), part)
         next_part += 1
         if on_batch is not None:
             on_batch(len(batch))
@@ -199,6 +211,18 @@ def _mark_done(final: Path, done: Path, parts_dir: Path, fp: str) -> None:
 # ---------------------------------------------------------------- all shards of a run
 
 
+def pending_work(run_dir: Path, manifest: dict, fp: str, n: int,
+                 indices: Optional[Iterable[int]] = None) -> dict[int, int]:
+    """Samples left per unfinished shard, read from the run folder alone (the resume scan)."""
+    left = {}
+    for i in (indices if indices is not None else range(len(manifest["shards"]))):
+        if shard_done(run_dir, i, fp):
+            continue
+        _, _, parts = result_paths(run_dir, i)
+        left[i] = manifest["shards"][i]["rows"] * n - (committed_count(parts) if parts.exists() else 0)
+    return left
+
+
 def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     from .models import load_causal_lm
 
@@ -219,17 +243,14 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None) -> dict:
     method = get_method(cfg.method.name.value)
     fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))
     indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
-    pending = [i for i in indices if not shard_done(run_dir, i, fp)]
+    left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices)
+    pending = sorted(left_by_shard)
     report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
               "skipped": len(list(indices)) - len(pending), "ran": pending}
     if not pending:
         log.info("all %d shards of %s are done (fingerprint %s)", len(list(indices)), run_dir, fp)
         return report
-    n = cfg.method.n
-    left = 0
-    for i in pending:
-        _, _, parts = result_paths(run_dir, i)
-        left += manifest["shards"][i]["rows"] * n - (len(committed_keys(parts)) if parts.exists() else 0)
+    left = sum(left_by_shard.values())
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
     ctx = Context(models=load_models(cfg, method.roles), method=cfg.method, prompt=cfg.prompt,

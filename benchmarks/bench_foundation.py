@@ -1,0 +1,147 @@
+"""Foundation at scale: shard, resume-scan and merge a run of 1,000,000 problems, without models.
+
+    python benchmarks/bench_foundation.py [--rows 1000000] [--shard-size 10000] [--part-rows 64]
+
+Builds a JSON-lines problem set of `rows` synthetic problems (~300 characters each), then times:
+  shard           read + validate + hash ids + write Arrow shards and the manifest
+  resume scan     what `rsd-batch run` reads to find the work left, for a run whose every sample is
+                  committed as batch parts (the worst case: no shard finalised yet) and for a run
+                  whose shards are all finished; then the committed ids of the one shard it resumes
+  merge           coverage proof against the manifest + one Parquet dataset + summary
+Outputs are synthetic records in the real output schema (built with the runner's own code).
+Goals on the 2-core CI machine: shard and merge <= 20 s each, resume scan <= 2 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from rsd_batch.config import DatasetConfig, FieldsConfig
+from rsd_batch.files import write_arrow, write_json
+from rsd_batch.ledger import Ledger
+from rsd_batch.merge import merge_run
+from rsd_batch.methods import Result, Step
+from rsd_batch.problems import load_problems
+from rsd_batch.runner import (RUN_FILE, _finish_shard, committed_keys, part_name, pending_work, records_table,
+                              result_paths)
+from rsd_batch.shards import read_shard, write_shards
+
+NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
+ITEMS = ["coins", "apples", "stickers", "marbles", "books", "shells"]
+
+
+def write_problems(path: Path, rows: int) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(rows):
+            who, item = rng.choice(NAMES), rng.choice(ITEMS)
+            ops = " ".join(f"Then {who} {rng.choice(['buys', 'finds', 'wins'])} {rng.randint(2, 999)} "
+                           f"more {item} and gives {rng.randint(1, 99)} to a friend." for _ in range(4))
+            text = f"Problem {i}: {who} has {rng.randint(10, 999)} {item}. {ops} How many {item} now?"
+            f.write(json.dumps({"id": f"p{i:07d}", "problem": text, "answer": str(rng.randint(0, 9999))})
+                    + "\n")
+
+
+def fake_results(shard: pa.Table, k: int) -> tuple[list[tuple[int, int]], list[Result]]:
+    batch = [(row, 0) for row in range(k)]
+    results = []
+    for row in range(k):
+        led = Ledger()
+        led.target.prefill_tokens, led.target.generated_tokens = 120, 90
+        led.target.prefill_flops, led.target.decode_flops, led.target.seconds = 10**9, 8 * 10**8, 0.5
+        text = "Step one.\n\nStep two.\n\nThe answer is \\boxed{42}."
+        results.append(Result(text, [Step("Step one.\n\n", "target"), Step("Step two.\n\n", "target"),
+                                     Step("The answer is \\boxed{42}.", "target")], "eos", led))
+    return batch, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--shard-size", type=int, default=10_000)
+    ap.add_argument("--part-rows", type=int, default=64, help="samples per committed batch part")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rsd-bench-"))
+    timings = []
+    try:
+        src = work / "problems.jsonl"
+        t = time.perf_counter()
+        write_problems(src, args.rows)
+        print(f"wrote {args.rows:,} problems ({src.stat().st_size / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - t:.1f} s; timing starts now")
+
+        run_dir = work / "run"
+        cfg = DatasetConfig(name="synthetic", source=str(src), fields=FieldsConfig(id="id"),
+                            shard_size=args.shard_size)
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.structured(cfg)
+        t = time.perf_counter()
+        manifest = write_shards(load_problems(cfg), cfg, run_dir)
+        timings.append(("shard", args.rows, time.perf_counter() - t, 20.0))
+
+        # A run whose samples are all committed as batch parts, none finalised yet.
+        fp = "bench"
+        write_json(run_dir / RUN_FILE, {"fingerprint": fp, "identity": {"method": {"n": 1, "name": "target_only"}},
+                                        "shards_dir": str(run_dir.resolve()), "config": {}})
+        template = None
+        n_parts = 0
+        for entry in manifest["shards"]:
+            shard = read_shard(run_dir, manifest, entry["index"], verify=False)
+            if template is None:
+                template = records_table(shard.slice(0, args.part_rows), entry["index"],
+                                         *fake_results(shard, args.part_rows), fp)
+            out_cols = template.column_names[len(shard.column_names):]
+            _, _, parts = result_paths(run_dir, entry["index"])
+            for start in range(0, len(shard), args.part_rows):
+                piece = shard.slice(start, args.part_rows)
+                cols = template.select(out_cols).slice(0, len(piece))
+                part = piece
+                for name in out_cols:
+                    part = part.append_column(template.schema.field(name), cols[name])
+                part = part.set_column(part.column_names.index("shard"), template.schema.field("shard"),
+                                       pa.array([entry["index"]] * len(piece), pa.int32()))
+                write_arrow(parts / part_name(n_parts, len(piece)),
+                            part.replace_schema_metadata(template.schema.metadata))
+                n_parts += 1
+        t = time.perf_counter()
+        left = pending_work(run_dir, manifest, fp, 1)
+        timings.append((f"resume scan ({n_parts:,} parts)", args.rows, time.perf_counter() - t, 2.0))
+        assert sum(left.values()) == 0 and len(left) == len(manifest["shards"])
+        # Then `run` reads the committed ids of the shard it resumes, one shard at a time.
+        _, _, parts0 = result_paths(run_dir, 0)
+        t = time.perf_counter()
+        keys = committed_keys(parts0)
+        timings.append(("committed ids of one shard in progress", len(keys), time.perf_counter() - t, 2.0))
+
+        for entry in manifest["shards"]:
+            final, done, parts = result_paths(run_dir, entry["index"])
+            _finish_shard(parts, final, done, fp, entry["rows"])
+        t = time.perf_counter()
+        left = pending_work(run_dir, manifest, fp, 1)
+        timings.append((f"resume scan ({len(manifest['shards'])} done shards)", args.rows,
+                        time.perf_counter() - t, 2.0))
+        assert left == {}
+
+        t = time.perf_counter()
+        summary = merge_run(run_dir)
+        timings.append(("merge", args.rows, time.perf_counter() - t, 20.0))
+        assert summary["samples"] == args.rows
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n| step | rows | seconds | rows/s | goal (s) | met |\n|---|---:|---:|---:|---:|:-:|")
+    for name, rows, secs, goal in timings:
+        print(f"| {name} | {rows:,} | {secs:.2f} | {rows / secs:,.0f} | {goal:g} | "
+              f"{'yes' if secs <= goal else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
