@@ -11,6 +11,7 @@ JOBS = {
     "run": "run a method over the pending shards of a run folder",
     "merge": "check coverage, merge a run into one dataset, print its summary",
     "main": "shard -> run -> merge in one go (the README's demo)",
+    "status": "per-shard state of a run folder (and of its SLURM jobs)",
     "train-toy": "retrain the embedded toy world (tokenizer, draft, target, PRM)",
 }
 

@@ -80,6 +80,7 @@ class ModelConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     trust_remote_code: bool = False
     max_context: Optional[int] = None  # null: the model config's max_position_embeddings
+    device_map: Optional[str] = None  # e.g. "auto": spread a large model over the visible GPUs
 
 
 @dataclass
@@ -123,9 +124,33 @@ class MethodConfig:
     step_delimiter: str = "\n\n"
 
 
+class LauncherName(Choice):
+    local = "local"  # every shard in this process, one after the other
+    debug = "debug"  # in-process too, without any executor around it (for pdb)
+    slurm = "slurm"  # one submitit job array over the unfinished shards
+
+
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # local: every shard in this process, one after the other
+    name: LauncherName = LauncherName.local
+    # SLURM (submitit); ignored by local/debug. Cluster presets live in conf/launcher/.
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: Optional[int] = None
+    timeout_min: int = 240
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH keys
+    setup: list[str] = field(default_factory=list)  # shell lines run first (module load ...)
+    array_parallelism: int = 64  # at most this many array tasks at once
+    shards_per_task: int = 1  # pack several small shards into one array task
+    max_timeouts: int = 3  # requeues after hitting the time limit
+    max_preemptions: int = 20  # requeues after a preemption
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    folder: Optional[str] = None  # submitit's folder; null: <run.dir>/slurm
+    merge_after: bool = False  # also submit the merge as a job that runs afterok
 
 
 @dataclass
@@ -136,6 +161,7 @@ class RunConfig:
     seed: int = 0
     fresh: bool = False  # discard results written under another config
     progress: bool = True
+    dry_run: bool = False  # print the plan (shards, samples, estimated cost), submit nothing
 
 
 @dataclass

@@ -70,12 +70,17 @@ def load_causal_lm(cfg: ModelConfig, role: str, key: str | None = None) -> Loade
     tok = load_tokenizer(cfg, key)
     dtype = torch_dtype(cfg.dtype, cfg.device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            **({"device_map": cfg.device_map} if cfg.device_map else {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(_load_hint(key, cfg.path, e)) from None
-    device = torch.device(cfg.device)
-    model.to(device).eval()
+    if cfg.device_map:  # placed by accelerate: inputs go where the embeddings are
+        device = model.get_input_embeddings().weight.device
+    else:
+        device = torch.device(cfg.device)
+        model.to(device)
+    model.eval()
     eos = set()
     for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):
