@@ -236,8 +236,13 @@ def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     return models
 
 
-def run(cfg: Config, shard_indices: Optional[list[int]] = None) -> dict:
-    """Run every pending shard (or the given ones) in this process. Returns a small report."""
+def run(cfg: Config, shard_indices: Optional[list[int]] = None,
+        should_stop: Optional[Callable[[], bool]] = None) -> dict:
+    """Run every pending shard (or the given ones) in this process. Returns a small report.
+
+    `should_stop` is polled between batches (a launcher's preemption flag): when it turns true the
+    run stops after the last committed batch and the report's "complete" is False.
+    """
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
     method = get_method(cfg.method.name.value)
@@ -246,7 +251,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None) -> dict:
     left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices)
     pending = sorted(left_by_shard)
     report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
-              "skipped": len(list(indices)) - len(pending), "ran": pending}
+              "skipped": len(list(indices)) - len(pending), "ran": pending, "complete": True}
     if not pending:
         log.info("all %d shards of %s are done (fingerprint %s)", len(list(indices)), run_dir, fp)
         return report
@@ -258,10 +263,15 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    complete = True
     with tqdm(total=left, desc=f"{method.name}", unit="sample", disable=not cfg.run.progress,
               mininterval=1.0, dynamic_ncols=True) as bar:
         for i in pending:
             bar.set_postfix_str(shard_name(i))
-            run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size, on_batch=bar.update)
+            if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,
+                             on_batch=bar.update, should_stop=should_stop):
+                complete = False
+                break
     report["seconds"] = time.perf_counter() - t0
+    report["complete"] = complete
     return report
