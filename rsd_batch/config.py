@@ -108,8 +108,19 @@ class PromptConfig:
 
 
 class MethodName(Choice):
+    rsd = "rsd"
     target_only = "target_only"
     draft_only = "draft_only"
+
+
+class Weighting(Choice):
+    """RSD's acceptance weight ω(r) of a draft step with PRM reward r."""
+
+    binary = "binary"  # 1[r >= threshold]  (the paper's default)
+    constant = "constant"  # constant
+    linear = "linear"  # r
+    clipped = "clipped"  # min(1, r / threshold)
+    sigmoid = "sigmoid"  # sigmoid((r - threshold) / sigmoid_tau)
 
 
 @dataclass
@@ -119,9 +130,16 @@ class MethodConfig:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # per sample, all steps together
     max_steps: int = 64
     step_delimiter: str = "\n\n"
+    refill: bool = True  # continuous batching: a finished sample's slot goes to the next at once
+    # RSD
+    weighting: Weighting = Weighting.binary
+    threshold: float = 0.7  # δ
+    constant: float = 0.5
+    sigmoid_tau: float = 0.1
+    prm_batch_tokens: int = 8192  # tokens per PRM forward (rows are grouped by length under it)
 
 
 class LauncherName(Choice):

@@ -96,7 +96,8 @@ class Ledger:
     draft: RoleCost = field(default_factory=RoleCost)
     target: RoleCost = field(default_factory=RoleCost)
     prm: RoleCost = field(default_factory=RoleCost)
-    latency_seconds: float = 0.0  # from the start of the sample's batch to its last token
+    latency_seconds: float = 0.0  # from the sample's start to its last token
+    target_only_flops: int = 0  # RSD: what the target alone would spend on this prompt and output
 
     def role(self, name: str) -> RoleCost:
         return getattr(self, name)
@@ -110,6 +111,7 @@ class Ledger:
         out["flops"] = self.flops
         out["seconds"] = sum(self.role(r).seconds for r in ROLES)
         out["latency_seconds"] = self.latency_seconds
+        out["target_only_flops"] = self.target_only_flops
         return out
 
 
@@ -117,4 +119,4 @@ _ROLE_TYPE = pa.struct([(f.name, pa.float64() if f.type in ("float", float) else
                         for f in fields(RoleCost)] + [("flops", pa.int64())])
 LEDGER_TYPE = pa.struct([(r, _ROLE_TYPE) for r in ROLES]
                         + [("flops", pa.int64()), ("seconds", pa.float64()),
-                           ("latency_seconds", pa.float64())])
+                           ("latency_seconds", pa.float64()), ("target_only_flops", pa.int64())])

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 STEP_TYPE = pa.struct([("text", pa.string()), ("source", pa.string()), ("reward", pa.float64()),
-                       ("accepted", pa.bool_())])
+                       ("accepted", pa.bool_()), ("rejected_text", pa.string()),
+                       ("rejected_reward", pa.float64())])
 OUTPUT_FIELDS = [
     ("sample_index", pa.int32()), ("shard", pa.int32()), ("output", pa.string()),
     ("steps", pa.list_(STEP_TYPE)), ("num_steps", pa.int32()), ("finish_reason", pa.string()),
@@ -150,19 +151,39 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
     seen = committed_keys(parts_dir) if parts_dir.exists() else set()
     n = ctx.method.n
     ids, problems = table["id"].to_pylist(), table["problem"].to_pylist()
+    row_of = {key: row for row, key in enumerate(ids)}
     todo = [(row, k) for row in range(len(table)) for k in range(n) if (ids[row], k) not in seen]
     next_part = len(list(parts_dir.glob("part-*.arrow"))) if parts_dir.exists() else 0
-    for start in range(0, len(todo), batch_size):
-        if should_stop is not None and should_stop():
-            return False
-        batch = todo[start:start + batch_size]
-        tasks = [Task(ids[row], k, problems[row]) for row, k in batch]
-        results = method.run(tasks, ctx)
-        part = records_table(table, index, batch, results, fp)
+    stopped = False
+
+    def tasks():
+        nonlocal stopped
+        for row, k in todo:
+            if should_stop is not None and should_stop():
+                stopped = True  # take no new work; what is in flight finishes and is committed
+                return
+            yield Task(ids[row], k, problems[row])
+
+    buffer: list[tuple[Task, Result]] = []
+
+    def commit() -> None:
+        nonlocal next_part
+        batch = [(row_of[t.id], t.sample_index) for t, _ in buffer]
+        part = records_table(table, index, batch, [r for _, r in buffer], fp)
         write_arrow(parts_dir / part_name(next_part, len(batch)), part)
         next_part += 1
         if on_batch is not None:
             on_batch(len(batch))
+        buffer.clear()
+
+    for task, result in method.run(tasks(), ctx):
+        buffer.append((task, result))
+        if len(buffer) >= batch_size:
+            commit()
+    if buffer:
+        commit()
+    if stopped:
+        return False
     _finish_shard(parts_dir, final, done, fp, len(table) * n)
     return True
 
@@ -259,7 +280,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
     ctx = Context(models=load_models(cfg, method.roles), method=cfg.method, prompt=cfg.prompt,
-                  seed=cfg.run.seed)
+                  seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     from tqdm import tqdm
 
     t0 = time.perf_counter()

@@ -1,5 +1,8 @@
-"""The batched decode loop: sampling, stopping, per-sample random generators, KV caches."""
-from .decode import Row, generate
+"""The batched decode loop: sampling, stopping at step delimiters, per-sample random generators,
+per-sequence KV caches, batched PRM scoring. Knows nothing of which method is running."""
+from .kv import KVBatch, RowKV
 from .sampling import SamplingParams, sample_generator, sample_next
+from .steps import Seq, StepOut, StepStopper, generate_step, reject_candidate, run_rounds, score_steps
 
-__all__ = ["Row", "generate", "SamplingParams", "sample_generator", "sample_next"]
+__all__ = ["KVBatch", "RowKV", "SamplingParams", "sample_generator", "sample_next", "Seq", "StepOut",
+           "StepStopper", "generate_step", "reject_candidate", "run_rounds", "score_steps"]

@@ -1,16 +1,17 @@
 """Decoding methods: small strategies over the engine, one per file, selected by `method.name`.
 
-A method turns a batch of `Task`s into one `Result` per task, using the models in `Context`.
-It never touches files or launchers; the runner owns those.
+A method turns an iterable of `Task`s into `(task, Result)` pairs, yielded as samples finish (the
+runner commits them in batches). It never touches files or launchers; the runner owns those.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from ..config import MethodConfig, PromptConfig
+from ..engine import Seq, sample_generator
 from ..ledger import Ledger
-from ..models import LoadedModel
+from ..models import LoadedModel, render_prompt
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,11 @@ class Task:
 @dataclass
 class Step:
     text: str
-    source: str  # the role whose text it is: draft | target
-    reward: Optional[float] = None  # the PRM's score, when it scored the step
-    accepted: Optional[bool] = None  # RSD: whether a draft step was kept
+    source: str  # the model that wrote it: draft | target
+    reward: Optional[float] = None  # the PRM's score of this text, when it scored it
+    accepted: Optional[bool] = None  # RSD: a draft step the PRM let through
+    rejected_text: Optional[str] = None  # RSD: the draft step this target step replaced
+    rejected_reward: Optional[float] = None
 
 
 @dataclass
@@ -43,28 +46,42 @@ class Context:
     method: MethodConfig
     prompt: PromptConfig
     seed: int
+    batch_size: int
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     roles: tuple[str, ...]  # the models it needs: only these are loaded and fingerprinted
-    run: Callable[[list[Task], Context], list[Result]]
+    run: Callable[[Iterable[Task], Context], Iterator[tuple[Task, Result]]]
 
 
-def split_steps(text: str, delimiter: str) -> list[str]:
-    """Steps of a solution text, each keeping its trailing delimiter (the last may have none)."""
-    parts = text.split(delimiter)
-    steps = [p + delimiter for p in parts[:-1]]
-    if parts[-1]:
-        steps.append(parts[-1])
-    return [s for s in steps if s.strip()] or ([text] if text else [])
+def start_seq(task: Task, ctx: Context, policies: list[LoadedModel]) -> Seq:
+    """A new sequence: the prompt through the (first) policy's chat template, one generator per role."""
+    lm = policies[0]
+    prompt = lm.encode(render_prompt(lm.tokenizer, task.problem, ctx.prompt))
+    room = min(p.max_context for p in policies) - len(prompt)
+    gens = {role: sample_generator(ctx.seed, task.id, task.sample_index, role)
+            for role in ("draft", "target", "accept")}
+    seq = Seq(key=task, problem=task.problem, tokens=prompt, prompt_len=len(prompt),
+              budget=min(ctx.method.max_new_tokens, room), generators=gens)
+    if room <= 0:
+        seq.finish_reason = "error"
+        seq.error = (f"the prompt has {len(prompt)} tokens; the context is "
+                     f"{min(p.max_context for p in policies)} (model.<role>.max_context)")
+    return seq
+
+
+def to_result(seq: Seq, lm: LoadedModel) -> tuple[Task, Result]:
+    seq.ledger.latency_seconds = (seq.finished_at or seq.started) - seq.started
+    output = lm.decode(seq.tokens[seq.prompt_len:])
+    return seq.key, Result(output, seq.steps, seq.finish_reason, seq.ledger, seq.error)
 
 
 def get_method(name: str) -> Method:
-    from . import baselines
+    from . import baselines, rsd
 
-    methods = {m.name: m for m in baselines.METHODS}
+    methods = {m.name: m for m in (*baselines.METHODS, rsd.METHOD)}
     if name not in methods:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(methods))}")
     return methods[name]

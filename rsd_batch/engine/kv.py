@@ -1,0 +1,121 @@
+"""Per-sequence KV caches, gathered into one batch for a forward and split back afterwards.
+
+Each sequence keeps its own cache per model (`RowKV`: keys and values of the tokens that model has
+processed, no padding). A batched forward gathers the rows into a left-padded Hugging Face cache,
+feeds each row only its *new* tokens (a chunk: the prompt, the other model's step, or its own last
+token), and rows leave the batch as they finish, each taking its cache back. So no model ever
+re-processes a prefix, finished rows cost nothing, and a new problem can join between rounds.
+
+Layout inside a batch, per row:  [pad … cached tokens | pad … chunk tokens | decoded tokens …]
+The attention mask hides the pads; position ids count only real tokens.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+import torch
+
+
+@dataclass
+class RowKV:
+    """One sequence's cache for one model: per layer (keys, values), each [kv_heads, length, head_dim]."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    length: int = 0
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (a rejected step)."""
+        if length < self.length:
+            self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
+            self.length = length
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.2x renames `past_key_values` to `cache`; 4.x knows only the old name."""
+    fn = model.forward
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _layer(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+def _num_layers(cache) -> int:
+    return len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
+
+
+class KVBatch:
+    """A batch of rows sharing one padded cache for the length of a decode phase."""
+
+    def __init__(self, module, device, pad_id: int, rows: list[RowKV], chunks: list[list[int]]):
+        from transformers import DynamicCache
+
+        assert all(chunks), "every row needs at least one new token"
+        self.module, self.device, self.pad_id = module, device, pad_id
+        self.kw = cache_kwarg(module)
+        n = len(rows)
+        past = max(r.length for r in rows)
+        width = max(len(c) for c in chunks)
+        self.cache = DynamicCache()
+        if past:
+            n_layers = max(len(r.layers) for r in rows if r.length)
+            for li in range(n_layers):
+                ref_k, ref_v = next(r.layers[li] for r in rows if r.length)
+                ks = ref_k.new_zeros((n, ref_k.shape[0], past, ref_k.shape[2]))
+                vs = ref_v.new_zeros((n, ref_v.shape[0], past, ref_v.shape[2]))
+                for b, r in enumerate(rows):
+                    if r.length:
+                        k, v = r.layers[li]
+                        ks[b, :, past - r.length:] = k
+                        vs[b, :, past - r.length:] = v
+                self.cache.update(ks, vs, li)
+        mask = torch.zeros((n, past + width), dtype=torch.long)
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        for b, (r, c) in enumerate(zip(rows, chunks)):
+            mask[b, past - r.length:past] = 1
+            mask[b, past + width - len(c):] = 1
+            ids[b, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            pos[b, width - len(c):] = torch.arange(r.length, r.length + len(c))
+        self.mask = mask.to(device)
+        self.ids = ids.to(device)
+        self.pos = pos.to(device)
+        self.width = width
+        self.next_pos = self.pos[:, -1] + 1
+        self.rows = list(range(n))  # batch position -> caller's row index
+
+    def forward_chunk(self, **kw):
+        """Run the chunks; returns the model output (logits or hidden states per `kw`)."""
+        return self.module(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
+                           use_cache=True, **{self.kw: self.cache}, **kw)
+
+    def forward_next(self, tokens: list[int], **kw):
+        """Feed one token per row still in the batch."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        out = self.module(input_ids=ids, attention_mask=self.mask, position_ids=self.next_pos[:, None],
+                          use_cache=True, **{self.kw: self.cache}, **kw)
+        self.next_pos = self.next_pos + 1
+        return out
+
+    def extract(self, b: int) -> RowKV:
+        """The cache of batch position `b`, without padding."""
+        valid = self.mask[b].bool()  # the cache and the mask have the same width after a forward
+        layers = []
+        for li in range(_num_layers(self.cache)):
+            k, v = _layer(self.cache, li)
+            layers.append((k[b][:, valid].clone(), v[b][:, valid].clone()))
+        return RowKV(layers, int(valid.sum()))
+
+    def keep(self, positions: list[int]) -> None:
+        """Keep only these batch positions (others have finished and taken their caches)."""
+        if len(positions) == len(self.rows):
+            return
+        index = torch.tensor(positions, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.next_pos = self.next_pos[index]
+        self.rows = [self.rows[p] for p in positions]
+

@@ -1,0 +1,35 @@
+"""PRM adapters: one small class per PRM format behind ``score(problems, steps) -> rewards in [0, 1]``.
+
+For the engine's incremental scoring an adapter also gives ``prefix_ids(problem)``,
+``step_ids(step, index) -> (ids, reward offset)``, ``backbone`` (the model without its head) and
+``rewards_from_hidden(hidden)``; `load_prm` adds what every PRM needs (role, cost model, device).
+"""
+from __future__ import annotations
+
+import torch
+
+from .math_shepherd import MathShepherdPRM
+
+PRM_ADAPTERS = {"math_shepherd": MathShepherdPRM}
+
+__all__ = ["MathShepherdPRM", "PRM_ADAPTERS", "load_prm"]
+
+
+def load_prm(cfg):
+    """Load the PRM a `PrmConfig` names, ready for the engine."""
+    from ..ledger import CostModel
+    from ..models import ModelLoadError, torch_dtype
+
+    if cfg.format not in PRM_ADAPTERS:
+        raise ModelLoadError(f"prm.format={cfg.format!r} is not one of {', '.join(sorted(PRM_ADAPTERS))}")
+    try:
+        prm = PRM_ADAPTERS[cfg.format].from_pretrained(cfg.path, device=cfg.device,
+                                                       dtype=torch_dtype(cfg.dtype, cfg.device))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"prm.path={cfg.path!r} could not be loaded: {first}. Give a local folder "
+                             "written by save_pretrained, or a hub id on a machine that reaches the hub.") from None
+    prm.role = "prm"
+    prm.cost = CostModel.from_model(prm.model)
+    prm.device = torch.device(cfg.device)
+    return prm

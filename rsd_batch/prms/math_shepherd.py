@@ -1,0 +1,125 @@
+"""Math-Shepherd format PRM adapter (peiyi9979/math-shepherd-mistral-7b-prm and the toy PRM).
+
+Input: ``problem + " " + "".join(step.strip() + " ки\\n" for step in steps)``; the reward of step
+``i`` is read from the causal-LM logits AT the ``i``-th ``ки`` token: ``P("+") / (P("+") + P("-"))``,
+i.e. the softmax over the two candidate logits.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+STEP_TAG = "ки"
+GOOD_TOKEN = "+"
+BAD_TOKEN = "-"
+
+
+def format_input(problem: str, steps: Sequence[str], step_tag: str = STEP_TAG) -> str:
+    """The Math-Shepherd text for ``problem`` followed by ``steps`` (each closed by the step tag)."""
+    return problem + " " + "".join(s.strip() + f" {step_tag}\n" for s in steps)
+
+
+def _last_id(tokenizer, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"{text!r} encodes to no token")
+    return ids[-1]
+
+
+class MathShepherdPRM:
+    """``score(problems, steps) -> rewards in [0, 1]`` for a Math-Shepherd style causal-LM PRM."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", step_tag: str = STEP_TAG,
+                 good_token: str = GOOD_TOKEN, bad_token: str = BAD_TOKEN, max_batch_tokens: int = 16384):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.step_tag = step_tag
+        self.step_tag_id = _last_id(tokenizer, step_tag)
+        self.good_id = _last_id(tokenizer, good_token)
+        self.bad_id = _last_id(tokenizer, bad_token)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_batch_tokens = max_batch_tokens
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        **kwargs) -> "MathShepherdPRM":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        return cls(model, tokenizer, device=device, **kwargs)
+
+    def encode(self, problem: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Token ids of the formatted input and the positions of its step tags.
+
+        Built segment by segment (problem, then each step), exactly as the engine's incremental
+        scoring builds it, so full and incremental scoring see the same tokens.
+        """
+        ids = self.prefix_ids(problem)
+        pos = []
+        for i, step in enumerate(steps):
+            seg, offset = self.step_ids(step, i)
+            pos.append(len(ids) + offset)
+            ids = ids + seg
+        return ids, pos
+
+    # -- the incremental interface the engine uses (rsd_batch/engine/steps.py: score_steps) --------
+
+    def prefix_ids(self, problem: str) -> list[int]:
+        return self.tokenizer.encode(problem, add_special_tokens=False)
+
+    def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
+        """Tokens of step `index` (0-based) with its tag, and where the tag is among them."""
+        text = (" " if index == 0 else "") + step.strip() + f" {self.step_tag}\n"
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids, len(ids) - 1 - ids[::-1].index(self.step_tag_id)
+
+    @property
+    def backbone(self):
+        """The transformer without its LM head: the engine reads hidden states at the tags."""
+        return getattr(self.model, self.model.base_model_prefix)
+
+    def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P("+") / (P("+") + P("-")) from final hidden states at tag positions, [N, d] -> [N]."""
+        head = self.model.get_output_embeddings()
+        w = head.weight[[self.good_id, self.bad_id]]
+        logits = hidden.to(w.dtype) @ w.T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[[self.good_id, self.bad_id]]
+        return logits.float().softmax(-1)[:, 0]
+
+    def tag_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, 2] logits for ("+", "-") at every position (right or left padding)."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.logits[..., [self.good_id, self.bad_id]].float()
+
+    @torch.no_grad()
+    def score(self, problems: Sequence[str], steps: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Reward of every step of every (problem, steps) pair, batched by length with padding."""
+        if len(problems) != len(steps):
+            raise ValueError("problems and steps differ in length")
+        enc = [self.encode(p, s) for p, s in zip(problems, steps)]
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+        rewards: list[list[float]] = [[] for _ in enc]
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j + 1 - i) * len(enc[order[j]][0]) <= self.max_batch_tokens:
+                j += 1
+            idx = order[i:j]
+            n = max(len(enc[k][0]) for k in idx)
+            ids = torch.full((len(idx), n), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), n), dtype=torch.long)
+            for r, k in enumerate(idx):
+                seq = enc[k][0]
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            logits = self.tag_logits(ids.to(self.device), mask.to(self.device))
+            probs = logits.softmax(-1)[..., 0].cpu()
+            for r, k in enumerate(idx):
+                rewards[k] = probs[r, enc[k][1]].tolist()
+            i = j
+        return rewards
