@@ -44,6 +44,7 @@ def tiny_models(tmp_path_factory, toy_tokenizer) -> dict[str, str]:
     return {
         "draft": str(build_random_model(root / "draft", toy_tokenizer, num_layers=1, hidden_size=32, seed=1)),
         "target": str(build_random_model(root / "target", toy_tokenizer, num_layers=2, hidden_size=64, seed=2)),
+        "prm": str(build_random_model(root / "prm", toy_tokenizer, num_layers=2, hidden_size=32, seed=3)),
     }
 
 
@@ -60,5 +61,6 @@ def tiny_run_args(tiny_models, toy_problems, tmp_path) -> list[str]:
     """Overrides for a fast end-to-end run on the tiny models (short outputs, small shards)."""
     return [f"dataset.source={toy_problems}", "dataset.shard_size=8",
             f"model.draft.path={tiny_models['draft']}", f"model.target.path={tiny_models['target']}",
+            f"prm.path={tiny_models['prm']}",
             "method.max_new_tokens=12", "run.batch_size=4", "run.progress=false",
             f"run.dir={tmp_path / 'run'}"]

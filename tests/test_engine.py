@@ -1,0 +1,126 @@
+"""The step-batched engine and RSD: equivalences, batch invariance, caches against recomputation."""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from rsd_batch.config import Weighting
+from rsd_batch.engine import SamplingParams, Seq, StepStopper, generate_step, sample_generator, score_steps
+from rsd_batch.methods import Context, Task, get_method
+from rsd_batch.methods.rsd import acceptance_weight
+from rsd_batch.models import load_causal_lm, render_prompt
+from rsd_batch.prms import load_prm
+from rsd_batch.runner import load_models
+
+from conftest import make_config
+
+
+def run_method(args, *overrides, tasks):
+    cfg = make_config(*args, *overrides)
+    method = get_method(cfg.method.name.value)
+    ctx = Context(load_models(cfg, method.roles), cfg.method, cfg.prompt, cfg.run.seed, cfg.run.batch_size)
+    return {(t.id, t.sample_index): r for t, r in method.run(tasks, ctx)}
+
+
+@pytest.fixture(scope="module")
+def tasks(toy_problems):
+    import json
+    rows = [json.loads(line) for line in toy_problems.read_text().splitlines()]
+    return [Task(r["id"], k, r["problem"]) for r in rows[:16] for k in range(2)]
+
+
+# Random-init models rarely write "\n\n"; a common letter as the delimiter gives many short steps,
+# some ending inside a merged token, so the multi-step paths are really exercised.
+SAMPLED = ["method.temperature=0.9", "method.max_new_tokens=24", "run.batch_size=8",
+           "method.step_delimiter=e"]
+
+
+def test_rsd_accepting_everything_is_draft_only(tiny_run_args, tasks):
+    rsd = run_method(tiny_run_args, *SAMPLED, "method=draft_only", "method.name=rsd",
+                     "method.threshold=0.0", tasks=tasks)
+    draft = run_method(tiny_run_args, *SAMPLED, "method=draft_only", tasks=tasks)
+    assert rsd.keys() == draft.keys() and len(rsd) == 32
+    for k in rsd:
+        assert rsd[k].output == draft[k].output
+        assert all(s.source == "draft" and s.accepted for s in rsd[k].steps)
+        assert rsd[k].ledger.target.flops == 0 and rsd[k].ledger.prm.flops > 0
+    assert sum(len(r.steps) for r in rsd.values()) >= 3 * len(rsd)
+
+
+def test_rsd_rejecting_everything_is_target_only(tiny_run_args, tasks):
+    rsd = run_method(tiny_run_args, *SAMPLED, "method.name=rsd", "method.threshold=1.5", tasks=tasks)
+    target = run_method(tiny_run_args, *SAMPLED, "method=target_only", tasks=tasks)
+    for k in rsd:
+        assert rsd[k].output == target[k].output
+        assert all(s.source == "target" and s.rejected_text is not None for s in rsd[k].steps)
+        led = rsd[k].ledger
+        # With caches the target processes exactly what it would alone.
+        assert led.target.flops == target[k].ledger.target.flops == led.target_only_flops
+        assert led.draft.discarded_tokens == led.draft.generated_tokens > 0
+
+
+def test_output_does_not_depend_on_batch(tiny_run_args, tasks):
+    args = [*tiny_run_args, *SAMPLED, "method.name=rsd", "method.weighting=linear"]
+    together = run_method(args, "run.batch_size=64", tasks=tasks)
+    for task in tasks[:6]:
+        alone = run_method(args, "run.batch_size=1", tasks=[task])
+        assert alone[(task.id, task.sample_index)].output == together[(task.id, task.sample_index)].output
+    no_refill = run_method(args, "run.batch_size=5", "method.refill=false", tasks=tasks)
+    assert {k: r.output for k, r in no_refill.items()} == {k: r.output for k, r in together.items()}
+
+
+def test_weightings():
+    cfg = make_config("method.name=rsd", "method.threshold=0.5", "method.sigmoid_tau=0.1",
+                      "method.constant=0.3").method
+    def w(kind, r):
+        cfg.weighting = kind
+        return acceptance_weight(r, cfg)
+    assert (w(Weighting.binary, 0.49), w(Weighting.binary, 0.5)) == (0.0, 1.0)
+    assert w(Weighting.constant, 0.9) == 0.3 and w(Weighting.linear, 0.42) == 0.42
+    assert (w(Weighting.clipped, 0.25), w(Weighting.clipped, 0.8)) == (0.5, 1.0)
+    assert w(Weighting.sigmoid, 0.5) == 0.5 and w(Weighting.sigmoid, 0.8) > 0.95
+
+
+def _from_scratch_greedy(model, tokens, stopper, eos, limit):
+    """The reference: every token from a full forward over the whole sequence, no cache at all."""
+    out = []
+    for _ in range(limit):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens + out])).logits[0, -1]
+        out.append(int(logits.argmax()))
+        if out[-1] in eos or stopper.done(out):
+            break
+    return out
+
+
+def test_cached_steps_and_rewards_equal_recomputation(tiny_models, toy_problems):
+    import json
+    cfg = make_config(f"model.draft.path={tiny_models['draft']}", f"model.target.path={tiny_models['target']}",
+                      f"prm.path={tiny_models['prm']}")
+    draft, target = load_causal_lm(cfg.model.draft, "draft"), load_causal_lm(cfg.model.target, "target")
+    prm = load_prm(cfg.prm)
+    # Greedy random models write "\n" after "\n": each step ends on a delimiter split over two tokens.
+    stopper = StepStopper(draft.tokenizer, "\n\n")
+    problems = [json.loads(line)["problem"] for line in toy_problems.read_text().splitlines()[:5]]
+    seqs = []
+    for i, p in enumerate(problems):
+        prompt = draft.encode(render_prompt(draft.tokenizer, p, cfg.prompt))
+        seqs.append(Seq(key=i, problem=p, tokens=prompt, prompt_len=len(prompt), budget=30 + 5 * i,
+                        generators={r: sample_generator(0, str(i), 0, r) for r in ("draft", "target")}))
+    greedy = SamplingParams()
+    from rsd_batch.methods import Step
+    for round_ in range(6):  # alternate models so each must catch up on the other's tokens
+        live = [s for s in seqs if not s.finish_reason]
+        if not live:
+            break
+        lm = draft if round_ % 2 == 0 else target
+        before = [list(s.tokens) for s in live]
+        outs = generate_step(lm, live, greedy, stopper)
+        texts = [lm.decode(o.tokens) for o in outs]
+        rewards = score_steps(prm, live, texts, max_batch_tokens=64)  # small budget: several groups
+        for s, o, text, r, prefix in zip(live, outs, texts, rewards, before):
+            assert o.tokens == _from_scratch_greedy(lm.model, prefix, stopper, lm.eos_ids, s.left)
+            full = prm.score([s.problem], [[st.text for st in s.steps] + [text]])[0][-1]
+            assert abs(full - r) < 1e-5
+            s.commit(o.tokens, Step(text, lm.role, r), o.reason, max_steps=5)
+    assert sum(len(s.steps) for s in seqs) >= 3 * len(seqs)
