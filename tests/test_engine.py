@@ -124,3 +124,21 @@ def test_cached_steps_and_rewards_equal_recomputation(tiny_models, toy_problems)
             assert abs(full - r) < 1e-5
             s.commit(o.tokens, Step(text, lm.role, r), o.reason, max_steps=5)
     assert sum(len(s.steps) for s in seqs) >= 3 * len(seqs)
+
+
+def test_step_stopper_with_merged_and_split_delimiters(toy_tokenizer):
+    tok = toy_tokenizer
+    stop = StepStopper(tok, "\n\n")
+    merged = tok.encode("28 * 2 = 56.\n\n", add_special_tokens=False)
+    assert tok.decode(merged[-1:]) == ".\n\n"  # the Qwen2 split lets ".\n\n" be one token
+    assert not stop.done(merged[:-1]) and stop.done(merged)
+    nl = tok.encode("\n", add_special_tokens=False)
+    assert len(nl) == 1
+    word = tok.encode("Ann", add_special_tokens=False)
+    assert not stop.done(word + nl) and stop.done(word + nl + nl)  # split over two tokens
+    assert not stop.done(nl + word)
+    # A delimiter of several characters that no single token holds.
+    stop_the = StepStopper(tok, "answer is")
+    ids = tok.encode("The answer is \\boxed{4}.", add_special_tokens=False)
+    ends = [i for i in range(1, len(ids) + 1) if stop_the.done(ids[:i])]
+    assert ends and tok.decode(ids[:ends[0]]).endswith("is")
