@@ -37,7 +37,7 @@ def config(*overrides):
 def run_point(overrides, tasks, batch_size, models):
     cfg = config(*overrides, f"run.batch_size={batch_size}")
     method = get_method(cfg.method.name.value)
-    ctx = Context({r: models[r] for r in method.roles}, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
+    ctx = Context({r: models[r] for r in method.roles(cfg.method)}, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
     t0 = time.perf_counter()
     results = dict(method.run(tasks, ctx))
     return results, time.perf_counter() - t0

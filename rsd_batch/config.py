@@ -111,6 +111,23 @@ class MethodName(Choice):
     rsd = "rsd"
     target_only = "target_only"
     draft_only = "draft_only"
+    sd = "sd"  # token-level speculative sampling (Leviathan et al. 2023, Chen et al. 2023)
+    best_of_n = "best_of_n"
+    beam_search = "beam_search"
+
+
+class Aggregation(Choice):
+    """How best_of_n / beam_search turn a solution's step rewards into one score."""
+
+    last = "last"
+    min = "min"
+    prod = "prod"
+    mean = "mean"
+
+
+class Role(Choice):
+    draft = "draft"
+    target = "target"
 
 
 class Weighting(Choice):
@@ -140,6 +157,13 @@ class MethodConfig:
     constant: float = 0.5
     sigmoid_tau: float = 0.1
     prm_batch_tokens: int = 8192  # tokens per PRM forward (rows are grouped by length under it)
+    # sd
+    speculative_tokens: int = 4  # draft tokens proposed per verification
+    # best_of_n, beam_search (search-and-learn's settings)
+    policy: Role = Role.target  # the model that writes the candidates
+    candidates: int = 4  # N: solutions (best_of_n) or candidates per step (beam_search)
+    beam_width: int = 2  # M: each kept beam is expanded M ways; N // M beams are kept
+    aggregation: Aggregation = Aggregation.last
 
 
 class LauncherName(Choice):
@@ -169,6 +193,7 @@ class LauncherConfig:
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
     folder: Optional[str] = None  # submitit's folder; null: <run.dir>/slurm
     merge_after: bool = False  # also submit the merge as a job that runs afterok
+    pilot: Optional[str] = None  # dry run: a merged pilot run folder; its summary.json prices a sample
 
 
 @dataclass

@@ -102,6 +102,14 @@ class Ledger:
     def role(self, name: str) -> RoleCost:
         return getattr(self, name)
 
+    def add(self, other: "Ledger") -> None:
+        """Add another ledger's costs (the candidates a search threw away still cost)."""
+        for r in ROLES:
+            mine, theirs = self.role(r), other.role(r)
+            for f in fields(RoleCost):
+                setattr(mine, f.name, getattr(mine, f.name) + getattr(theirs, f.name))
+        self.target_only_flops += other.target_only_flops
+
     @property
     def flops(self) -> int:
         return sum(self.role(r).flops for r in ROLES)

@@ -59,7 +59,7 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
         "seed": cfg.run.seed,
         "models": {},
     }
-    for role in method.roles:
+    for role in method.roles(cfg.method):
         node = cfg.prm if role == "prm" else cfg.model[role]
         entry = to_container(node)
         entry.pop("device", None)  # where it runs, not what it computes
@@ -279,7 +279,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     left = sum(left_by_shard.values())
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
-    ctx = Context(models=load_models(cfg, method.roles), method=cfg.method, prompt=cfg.prompt,
+    ctx = Context(models=load_models(cfg, method.roles(cfg.method)), method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     from tqdm import tqdm
 

@@ -45,6 +45,9 @@ def tiny_models(tmp_path_factory, toy_tokenizer) -> dict[str, str]:
         "draft": str(build_random_model(root / "draft", toy_tokenizer, num_layers=1, hidden_size=32, seed=1)),
         "target": str(build_random_model(root / "target", toy_tokenizer, num_layers=2, hidden_size=64, seed=2)),
         "prm": str(build_random_model(root / "prm", toy_tokenizer, num_layers=2, hidden_size=32, seed=3)),
+        # Large init: its greedy choices change with the context (the others mostly repeat "\n").
+        "wild": str(build_random_model(root / "wild", toy_tokenizer, num_layers=1, hidden_size=32, seed=4,
+                                       initializer_range=0.6)),
     }
 
 

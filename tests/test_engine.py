@@ -18,7 +18,7 @@ from conftest import make_config
 def run_method(args, *overrides, tasks):
     cfg = make_config(*args, *overrides)
     method = get_method(cfg.method.name.value)
-    ctx = Context(load_models(cfg, method.roles), cfg.method, cfg.prompt, cfg.run.seed, cfg.run.batch_size)
+    ctx = Context(load_models(cfg, method.roles(cfg.method)), cfg.method, cfg.prompt, cfg.run.seed, cfg.run.batch_size)
     return {(t.id, t.sample_index): r for t, r in method.run(tasks, ctx)}
 
 
@@ -142,3 +142,89 @@ def test_step_stopper_with_merged_and_split_delimiters(toy_tokenizer):
     ids = tok.encode("The answer is \\boxed{4}.", add_special_tokens=False)
     ends = [i for i in range(1, len(ids) + 1) if stop_the.done(ids[:i])]
     assert ends and tok.decode(ids[:ends[0]]).endswith("is")
+
+
+# ---------------------------------------------------------------- the other baselines
+
+
+def test_greedy_sd_is_greedy_target_token_for_token(tiny_run_args, tiny_models, tasks):
+    # A draft whose greedy choices vary: it disagrees with the target often, so rejections happen.
+    greedy = ["method.max_new_tokens=24", "run.batch_size=8", "method.temperature=0",
+              f"model.draft.path={tiny_models['wild']}"]
+    sd = run_method(tiny_run_args, *greedy, "method=sd", "method.speculative_tokens=3", tasks=tasks)
+    target = run_method(tiny_run_args, *greedy, "method=target_only", tasks=tasks)
+    assert all(sd[k].output == target[k].output for k in sd)
+    led = [r.ledger for r in sd.values()]
+    assert sum(x.draft.generated_tokens for x in led) > 0 and sum(x.draft.discarded_tokens for x in led) > 0
+
+
+def test_sampling_sd_follows_the_target_distribution(tiny_models, tiny_run_args):
+    """2,000 first tokens from sd against the target's own next-token distribution (chi-square)."""
+    from scipy.stats import chisquare
+
+    args = [*tiny_run_args, "method.max_new_tokens=1", "method.temperature=1.0", "method.top_k=8",
+            "run.batch_size=256"]
+    task = Task("p", 0, "Ann has 3 coins. She buys 2 more. How many coins does Ann have now?")
+    tasks = [Task("p", i, task.problem) for i in range(2000)]
+    firsts = [r.output for r in run_method(args, "method=sd", "method.speculative_tokens=2", tasks=tasks).values()]
+    cfg = make_config(*args)
+    target = load_causal_lm(cfg.model.target, "target")
+    draft = load_causal_lm(cfg.model.draft, "draft")
+
+    def dist(lm):
+        ids = lm.encode(render_prompt(lm.tokenizer, task.problem, cfg.prompt))
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        from rsd_batch.engine import filtered_probs
+        return filtered_probs(logits[None], SamplingParams(1.0, 1.0, 8))[0]
+
+    p, q = dist(target), dist(draft)
+    support = [int(i) for i in torch.nonzero(p).flatten()]
+    texts = [target.decode([i]) for i in support]
+    counts = [sum(f == t for f in firsts) for t in texts]
+    assert sum(counts) == len(firsts)  # every sample is one of the target's top-8 tokens
+    def expected(weights):
+        total = sum(weights)
+        out = [w / total * len(firsts) for w in weights]
+        out[-1] = len(firsts) - sum(out[:-1])  # sums must agree exactly
+        return out
+
+    assert chisquare(counts, expected([float(p[i]) for i in support])).pvalue > 1e-3
+    # The draft alone could not pass: most of its mass lies outside the target's top-8 tokens,
+    # so every sample landing inside them is the verification at work.
+    assert sum(float(q[i]) for i in support) < 0.5
+
+
+def test_best_of_n_picks_the_best_candidate_and_pays_for_all(tiny_run_args, tasks):
+    from rsd_batch.config import Aggregation
+    from rsd_batch.methods.search import aggregate
+
+    assert aggregate([0.9, 0.2, 0.5], Aggregation.last) == 0.5
+    assert aggregate([0.9, 0.2, 0.5], Aggregation.min) == 0.2
+    assert abs(aggregate([0.9, 0.2, 0.5], Aggregation.prod) - 0.09) < 1e-12
+    assert abs(aggregate([0.9, 0.2, 0.4], Aggregation.mean) - 0.5) < 1e-12
+    args = [*tiny_run_args, *SAMPLED, "method=best_of_n", "method.aggregation=min"]
+    one = run_method(args, "method.candidates=1", tasks=tasks[:8])
+    four = run_method(args, "method.candidates=4", tasks=tasks[:8])
+    for k in one:
+        # Candidate #0 is the same in both runs (its own generators), so 4 can only do better.
+        score = lambda r: min(s.reward for s in r.steps)  # noqa: E731
+        assert score(four[k]) >= score(one[k])
+        assert four[k].ledger.target.generated_tokens >= one[k].ledger.target.generated_tokens
+        assert four[k].ledger.prm.flops > one[k].ledger.prm.flops
+        assert all(s.reward is not None and s.source == "target" for s in four[k].steps)
+
+
+def test_beam_search_of_one_greedy_beam_is_greedy_target(tiny_run_args, tasks):
+    greedy = ["method.max_new_tokens=24", "method.temperature=0", "method.step_delimiter=e",
+              "method.max_steps=64"]
+    beam = run_method(tiny_run_args, *greedy, "method=beam_search", "method.candidates=1",
+                      "method.beam_width=1", tasks=tasks[:8])
+    target = run_method(tiny_run_args, *greedy, "method=target_only", tasks=tasks[:8])
+    assert all(beam[k].output == target[k].output for k in beam)
+    wide = run_method(tiny_run_args, *SAMPLED, "method=beam_search", "method.candidates=4",
+                      "method.beam_width=2", "method.max_steps=6", tasks=tasks[:4])
+    for r in wide.values():
+        assert r.finish_reason in ("eos", "max_tokens", "max_steps") and r.steps
+        assert r.ledger.target.generated_tokens >= sum(1 for _ in r.output) * 0  # paid for
+        assert r.ledger.prm.prefill_tokens > 0

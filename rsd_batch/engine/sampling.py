@@ -45,15 +45,24 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs
 
 
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a token is drawn from, [B, V] float32 on the CPU (one-hot when greedy)."""
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float().cpu()
+    return filtered_probs(logits, params).cpu()
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from a distribution [V] with one uniform of `generator` (inverse CDF)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((), generator=generator) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[-1] - 1)
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generators: list[torch.Generator]) -> list[int]:
     """One token per row of `logits` [B, V], each row drawn with its own generator."""
     if params.greedy:
         return logits.argmax(-1).tolist()
     probs = filtered_probs(logits, params).cpu()
-    cdf = probs.cumsum(-1)
-    out = []
-    for row, gen in zip(range(probs.shape[0]), generators):
-        u = torch.rand((), generator=gen) * cdf[row, -1]
-        out.append(min(int(torch.searchsorted(cdf[row], u, right=True)), probs.shape[-1] - 1))
-    return out
+    return [draw(probs[row], gen) for row, gen in zip(range(probs.shape[0]), generators)]

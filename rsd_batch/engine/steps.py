@@ -18,7 +18,7 @@ import torch
 
 from ..ledger import Ledger
 from .kv import KVBatch, RowKV
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, distribution, draw, sample_next
 
 
 @dataclass
@@ -53,25 +53,52 @@ class Seq:
     def cache(self, role: str) -> RowKV:
         return self.kv.setdefault(role, RowKV())
 
+    def extend(self, tokens: list[int], writer: str, eos: bool) -> None:
+        """Append tokens written by `writer`; finish at EOS or when the token budget is spent."""
+        self.tokens.extend(tokens)
+        self.last_writer = writer
+        if eos:
+            self.finish("eos")
+        elif self.left <= 0:
+            self.finish("max_tokens")
+
     def commit(self, tokens: list[int], step, reason: str, max_steps: int) -> None:
         """Append a step; decide whether the sample is finished (eos, max_tokens, max_steps)."""
-        self.tokens.extend(tokens)
         self.steps.append(step)
-        self.last_writer = step.source
-        if reason == "eos":
-            self.finish_reason = "eos"
-        elif self.left <= 0:
-            self.finish_reason = "max_tokens"
-        elif len(self.steps) >= max_steps:
-            self.finish_reason = "max_steps"
-        if self.finish_reason:
-            self.finished_at = time.perf_counter()
+        self.extend(tokens, step.source, reason == "eos")
+        if not self.finish_reason and len(self.steps) >= max_steps:
+            self.finish("max_steps")
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+
+    def fork(self, generators: dict[str, torch.Generator]) -> "Seq":
+        """A copy that shares this sequence's caches (they are never changed in place) and starts
+        its own ledger: expanding a beam costs nothing until the child computes."""
+        return Seq(key=self.key, problem=self.problem, tokens=list(self.tokens), prompt_len=self.prompt_len,
+                   budget=self.budget, generators=generators,
+                   kv={r: RowKV(list(c.layers), c.length) for r, c in self.kv.items()},
+                   last_writer=self.last_writer, steps=list(self.steps),
+                   prm_pending=list(self.prm_pending), prm_committed=self.prm_committed,
+                   started=self.started)
 
 
 @dataclass
 class StepOut:
     tokens: list[int]
     reason: str  # step (delimiter seen) | eos | budget
+    probs: list = field(default_factory=list)  # with keep_probs: the distribution of each token
+
+
+class FixedLength:
+    """A 'step' of k tokens (speculative sampling's proposals)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def done(self, step_tokens: list[int]) -> bool:
+        return len(step_tokens) >= self.k
 
 
 class StepStopper:
@@ -103,40 +130,60 @@ def _tokens_with_any(tokenizer, chars: frozenset) -> frozenset:
     return _tokens_with_any_cached(id(tokenizer), tokenizer, chars)
 
 
-@torch.inference_mode()
-def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper: StepStopper) -> list[StepOut]:
-    """Each sequence's next step from model `lm` (role `lm.role`), in one batched decode.
+def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, logits_to_keep: int = 1):
+    """Batch the rows and run each one's uncached tokens (plus `extra` ones) through `lm`.
 
-    Every row first feeds the tokens its cache lacks (its chunk); rows then sample until their own
-    step ends and leave the batch with their cache. The ledger gets every processed token.
+    Charges each row's ledger: tokens the model wrote itself and never fed count as decode,
+    everything else as prefill; the forward's time is split by tokens.
     """
     role = lm.role
-    if not seqs:
-        return []
     caches = [s.cache(role) for s in seqs]
-    chunks = [s.tokens[c.length:] for s, c in zip(seqs, caches)]
+    chunks = [s.tokens[c.length:] + (extra[i] if extra else []) for i, (s, c) in enumerate(zip(seqs, caches))]
     batch = KVBatch(lm.model, lm.device, lm.pad_id, caches, chunks)
     t0 = time.perf_counter()
-    out = batch.forward_chunk(logits_to_keep=1)
+    out = batch.forward_chunk(logits_to_keep=logits_to_keep)
     lm.synchronize()
     elapsed = time.perf_counter() - t0
     total = sum(len(c) for c in chunks)
     for s, c, chunk in zip(seqs, caches, chunks):
         cost = s.ledger.role(role)
-        own = 1 if s.last_writer == role else 0  # its own last token: what a plain decode would feed
+        own = 1 if s.last_writer == role and not extra else 0  # its own last token, as a decode would
         cost.add_prefill(lm.cost, len(chunk) - own, c.length)
         if own:
             cost.add_decode(lm.cost, c.length + len(chunk) - 1)
         cost.seconds += elapsed * len(chunk) / total
+    return batch, out, caches, chunks
+
+
+@torch.inference_mode()
+def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
+                  ) -> list[StepOut]:
+    """Each sequence's next step from model `lm` (role `lm.role`), in one batched decode.
+
+    Every row first feeds the tokens its cache lacks (its chunk); rows then sample until their own
+    step ends (`stopper.done(step_tokens)`), EOS or their budget, and leave the batch with their
+    cache. With `keep_probs` each sampled token's distribution is kept (speculative sampling).
+    """
+    role = lm.role
+    if not seqs:
+        return []
+    batch, out, caches, chunks = _feed_chunks(lm, seqs)
     outs = [StepOut([], "") for _ in seqs]
     logits = out.logits[:, -1]
     while True:
         live = batch.rows
-        tokens = sample_next(logits, params, [seqs[i].generators[role] for i in live])
+        if keep_probs:
+            probs = distribution(logits, params)
+            tokens = [draw(probs[b], seqs[i].generators[role]) if not params.greedy else int(probs[b].argmax())
+                      for b, i in enumerate(live)]
+        else:
+            tokens = sample_next(logits, params, [seqs[i].generators[role] for i in live])
         keep = []
         for b, (i, tok) in enumerate(zip(live, tokens)):
             s, o = seqs[i], outs[i]
             o.tokens.append(tok)
+            if keep_probs:
+                o.probs.append(probs[b])
             s.ledger.role(role).generated_tokens += 1
             if tok in lm.eos_ids:
                 o.reason = "eos"
@@ -163,6 +210,25 @@ def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper: StepStop
             # The token just fed attends to the cache it found plus itself.
             cost.add_decode(lm.cost, caches[i].length + len(chunks[i]) + len(outs[i].tokens) - 1)
             cost.seconds += share
+
+
+@torch.inference_mode()
+def score_tokens(lm, seqs: list[Seq], proposals: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of `lm` at each proposed token's position and one past it, [len(p) + 1, V] per row.
+
+    One forward: each row feeds what its cache lacks plus its proposal (speculative verification).
+    Afterwards the row's cache covers the proposal; the caller crops what it rejects.
+    """
+    if not seqs:
+        return []
+    n = max(len(p) for p in proposals) + 1
+    batch, out, _, _ = _feed_chunks(lm, seqs, extra=proposals, logits_to_keep=n)
+    logits = out.logits.float()
+    result = []
+    for b, (s, p) in enumerate(zip(seqs, proposals)):
+        s.kv[lm.role] = batch.extract(b)
+        result.append(logits[b, n - len(p) - 1:].cpu())
+    return result
 
 
 @torch.inference_mode()

@@ -52,17 +52,31 @@ class Context:
 @dataclass(frozen=True)
 class Method:
     name: str
-    roles: tuple[str, ...]  # the models it needs: only these are loaded and fingerprinted
+    needs: Callable[[MethodConfig], tuple[str, ...]]  # the models it uses: only these are loaded
     run: Callable[[Iterable[Task], Context], Iterator[tuple[Task, Result]]]
 
+    def roles(self, cfg: MethodConfig) -> tuple[str, ...]:
+        return self.needs(cfg)
 
-def start_seq(task: Task, ctx: Context, policies: list[LoadedModel]) -> Seq:
+
+def generators(seed: int, task: Task, tag: str = "") -> dict:
+    """The sample's own random generators, one per role (`tag` tells a search's candidates apart)."""
+    return {role: sample_generator(seed, task.id, task.sample_index, role + tag)
+            for role in ("draft", "target", "accept")}
+
+
+def same_vocab(a: LoadedModel, b: LoadedModel, method: str) -> None:
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+        raise ValueError(f"{method} needs the draft and the target to share one tokenizer (the paper's "
+                         "pairs do: Qwen2.5-Math 1.5B/7B/72B); these two differ")
+
+
+def start_seq(task: Task, ctx: Context, policies: list[LoadedModel], tag: str = "") -> Seq:
     """A new sequence: the prompt through the (first) policy's chat template, one generator per role."""
     lm = policies[0]
     prompt = lm.encode(render_prompt(lm.tokenizer, task.problem, ctx.prompt))
     room = min(p.max_context for p in policies) - len(prompt)
-    gens = {role: sample_generator(ctx.seed, task.id, task.sample_index, role)
-            for role in ("draft", "target", "accept")}
+    gens = generators(ctx.seed, task, tag)
     seq = Seq(key=task, problem=task.problem, tokens=prompt, prompt_len=len(prompt),
               budget=min(ctx.method.max_new_tokens, room), generators=gens)
     if room <= 0:
@@ -78,10 +92,19 @@ def to_result(seq: Seq, lm: LoadedModel) -> tuple[Task, Result]:
     return seq.key, Result(output, seq.steps, seq.finish_reason, seq.ledger, seq.error)
 
 
-def get_method(name: str) -> Method:
-    from . import baselines, rsd
+def split_steps(text: str, delimiter: str) -> list[str]:
+    """Steps of a solution text, each keeping its trailing delimiter (the last may have none)."""
+    parts = text.split(delimiter)
+    steps = [p + delimiter for p in parts[:-1]]
+    if parts[-1]:
+        steps.append(parts[-1])
+    return steps
 
-    methods = {m.name: m for m in (*baselines.METHODS, rsd.METHOD)}
+
+def get_method(name: str) -> Method:
+    from . import baselines, rsd, sd, search
+
+    methods = {m.name: m for m in (*baselines.METHODS, rsd.METHOD, sd.METHOD, *search.METHODS)}
     if name not in methods:
         raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(methods))}")
     return methods[name]

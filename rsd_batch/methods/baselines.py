@@ -27,6 +27,6 @@ def _single_model(role: str):
 
 
 METHODS = [
-    Method("target_only", ("target",), _single_model("target")),
-    Method("draft_only", ("draft",), _single_model("draft")),
+    Method("target_only", lambda cfg: ("target",), _single_model("target")),
+    Method("draft_only", lambda cfg: ("draft",), _single_model("draft")),
 ]

@@ -17,7 +17,7 @@ import torch
 
 from ..config import MethodConfig, Weighting
 from ..engine import SamplingParams, StepStopper, generate_step, reject_candidate, run_rounds, score_steps
-from . import Context, Method, Step, start_seq, to_result
+from . import Context, Method, Step, same_vocab, start_seq, to_result
 
 
 def acceptance_weight(reward: float, cfg: MethodConfig) -> float:
@@ -36,16 +36,10 @@ def acceptance_weight(reward: float, cfg: MethodConfig) -> float:
     raise ValueError(f"unknown weighting {w}")
 
 
-def _check_vocab(draft, target) -> None:
-    if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
-        raise ValueError("rsd needs the draft and the target to share one tokenizer (the paper's pairs "
-                         "do: Qwen2.5-Math 1.5B/7B/72B); these two differ")
-
-
 def run(tasks, ctx: Context):
     draft, target, prm = ctx.models["draft"], ctx.models["target"], ctx.models["prm"]
     cfg = ctx.method
-    _check_vocab(draft, target)
+    same_vocab(draft, target, "rsd")
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
     stopper = StepStopper(draft.tokenizer, cfg.step_delimiter)
     binary = cfg.weighting == Weighting.binary
@@ -84,4 +78,4 @@ def run(tasks, ctx: Context):
         yield to_result(seq, draft)
 
 
-METHOD = Method("rsd", ("draft", "target", "prm"), run)
+METHOD = Method("rsd", lambda cfg: ("draft", "target", "prm"), run)
