@@ -110,8 +110,21 @@ def summarize(table: pa.Table) -> dict:
                ("prefill_tokens", "decode_tokens", "generated_tokens", "discarded_tokens", "flops",
                 "seconds")}
         per_role[role] = {"total": tot, "mean": {k: v / n for k, v in tot.items()}}
+    steps = pc.list_flatten(table["steps"].combine_chunks())
+    decided = steps.field("accepted").drop_null() if len(steps) else pa.array([], pa.bool_())
+    draft_gen = per_role["draft"]["total"]["generated_tokens"]
+    target_only = pc.sum(ledger.field("target_only_flops")).as_py() or 0
+    total_flops = pc.sum(ledger.field("flops")).as_py() or 0
     return {
         "samples": n,
+        "steps": len(steps),
+        # RSD: draft steps kept among those the PRM judged; tokens: kept draft tokens among drafted.
+        "acceptance": {
+            "steps": (pc.sum(decided).as_py() or 0) / len(decided) if len(decided) else None,
+            "draft_tokens": 1 - per_role["draft"]["total"]["discarded_tokens"] / draft_gen if draft_gen else None,
+        },
+        # What the target alone would have spent on the same prompts and output lengths.
+        "flops_vs_target_only": target_only / total_flops if target_only and total_flops else None,
         "problems": len(pc.unique(table["id"])),
         "finish_reasons": {r["values"]: r["counts"] for r in reasons.to_pylist()},
         "graded": len(graded),
@@ -135,7 +148,12 @@ def format_summary(summary: dict) -> str:
             + (f"{acc:.1%} ({summary['correct']}/{summary['graded']} graded)" if acc is not None
                else "n/a (no gold answers)")
             + " · finish: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["finish_reasons"].items())))
-    t = Table(title=head, title_justify="left")
+    acc_s = summary.get("acceptance", {}).get("steps")
+    if acc_s is not None:
+        head += (f" · draft steps accepted {acc_s:.1%}"
+                 + (f" · {summary['flops_vs_target_only']:.2f}× fewer FLOPs than target alone"
+                    if summary.get("flops_vs_target_only") else ""))
+    t = Table()
     for col in ("role", "prefill tok", "decode tok", "generated tok", "FLOPs", "seconds",
                 "gen tok/sample", "FLOPs/sample", "s/sample"):
         t.add_column(col, justify="right" if col != "role" else "left")
@@ -146,7 +164,7 @@ def format_summary(summary: dict) -> str:
         t.add_row(role, f"{tot['prefill_tokens']:,}", f"{tot['decode_tokens']:,}",
                   f"{tot['generated_tokens']:,}", f"{tot['flops']:.3e}", f"{tot['seconds']:.1f}",
                   f"{mean['generated_tokens']:.1f}", f"{mean['flops']:.3e}", f"{mean['seconds']:.3f}")
-    console = Console(width=120, record=True, force_terminal=False)
+    console = Console(width=140, record=True, force_terminal=False)
     with console.capture() as cap:
         console.print(t)
-    return cap.get()
+    return head + "\n" + cap.get()
