@@ -79,6 +79,8 @@ class KVBatch:
             mask[b, past + width - len(c):] = 1
             ids[b, width - len(c):] = torch.tensor(c, dtype=torch.long)
             pos[b, width - len(c):] = torch.arange(r.length, r.length + len(c))
+        # Where each row's real tokens lie: [past - length, past) and [chunk_start, end).
+        self.spans = [(past - r.length, past, past + width - len(c)) for r, c in zip(rows, chunks)]
         self.mask = mask.to(device)
         self.ids = ids.to(device)
         self.pos = pos.to(device)
@@ -101,13 +103,15 @@ class KVBatch:
         return out
 
     def extract(self, b: int) -> RowKV:
-        """The cache of batch position `b`, without padding."""
-        valid = self.mask[b].bool()  # the cache and the mask have the same width after a forward
+        """The cache of batch position `b`, without padding (two slices: no mask gather)."""
+        cached_from, past, chunk_from = self.spans[b]
         layers = []
         for li in range(_num_layers(self.cache)):
             k, v = _layer(self.cache, li)
-            layers.append((k[b][:, valid].clone(), v[b][:, valid].clone()))
-        return RowKV(layers, int(valid.sum()))
+            layers.append((torch.cat([k[b, :, cached_from:past], k[b, :, chunk_from:]], dim=1),
+                           torch.cat([v[b, :, cached_from:past], v[b, :, chunk_from:]], dim=1)))
+        length = layers[0][0].shape[1] if layers else 0
+        return RowKV(layers, length)
 
     def keep(self, positions: list[int]) -> None:
         """Keep only these batch positions (others have finished and taken their caches)."""
@@ -118,4 +122,5 @@ class KVBatch:
         self.mask = self.mask[index]
         self.next_pos = self.next_pos[index]
         self.rows = [self.rows[p] for p in positions]
+        self.spans = [self.spans[p] for p in positions]
 
