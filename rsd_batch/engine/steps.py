@@ -246,8 +246,8 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
         ids = list(prm.prefix_ids(s.problem)) if c.length == 0 else []
         n_scored = len(s.steps) - len(s.prm_pending)
         for j, text in enumerate(s.prm_pending):
-            ids += prm.step_ids(text, n_scored + j)[0]
-        step_ids, offset = prm.step_ids(cand, len(s.steps))
+            ids += prm.step_ids(s.problem, text, n_scored + j)[0]
+        step_ids, offset = prm.step_ids(s.problem, cand, len(s.steps))
         s.prm_committed = c.length + len(ids)
         rows.append((ids + step_ids, len(ids) + offset))
         s.prm_pending = []

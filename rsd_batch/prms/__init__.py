@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from .base import PRMAdapter
 from .math_shepherd import MathShepherdPRM
+from .qwen_prm import QwenPRM
+from .rlhflow import RLHFlowPRM
+from .skywork import SkyworkPRM
 
-PRM_ADAPTERS = {"math_shepherd": MathShepherdPRM}
+# To add a format: one small PRMAdapter subclass in this folder, one entry here, one conf/prm/*.yaml.
+PRM_ADAPTERS = {"math_shepherd": MathShepherdPRM, "skywork": SkyworkPRM, "qwen_prm": QwenPRM,
+                "rlhflow": RLHFlowPRM}
 
-__all__ = ["MathShepherdPRM", "PRM_ADAPTERS", "load_prm"]
+__all__ = ["PRMAdapter", "MathShepherdPRM", "SkyworkPRM", "QwenPRM", "RLHFlowPRM", "PRM_ADAPTERS", "load_prm"]
 
 
 def load_prm(cfg):
@@ -23,13 +29,14 @@ def load_prm(cfg):
     if cfg.format not in PRM_ADAPTERS:
         raise ModelLoadError(f"prm.format={cfg.format!r} is not one of {', '.join(sorted(PRM_ADAPTERS))}")
     try:
-        prm = PRM_ADAPTERS[cfg.format].from_pretrained(cfg.path, device=cfg.device,
+        prm = PRM_ADAPTERS[cfg.format].from_pretrained(cfg.path, device=cfg.device, revision=cfg.revision,
                                                        dtype=torch_dtype(cfg.dtype, cfg.device))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"prm.path={cfg.path!r} could not be loaded: {first}. Give a local folder "
                              "written by save_pretrained, or a hub id on a machine that reaches the hub.") from None
     prm.role = "prm"
-    prm.cost = CostModel.from_model(prm.model)
+    prm.cost = CostModel.from_model(prm.model) if hasattr(prm.model, "get_output_embeddings") \
+        else CostModel.from_model(prm.model)
     prm.device = torch.device(cfg.device)
     return prm

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from .base import PRMAdapter
+
 STEP_TAG = "ки"
 GOOD_TOKEN = "+"
 BAD_TOKEN = "-"
@@ -27,7 +29,7 @@ def _last_id(tokenizer, text: str) -> int:
     return ids[-1]
 
 
-class MathShepherdPRM:
+class MathShepherdPRM(PRMAdapter):
     """``score(problems, steps) -> rewards in [0, 1]`` for a Math-Shepherd style causal-LM PRM."""
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", step_tag: str = STEP_TAG,
@@ -44,33 +46,19 @@ class MathShepherdPRM:
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        **kwargs) -> "MathShepherdPRM":
+                        revision: str | None = None, **kwargs) -> "MathShepherdPRM":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, revision=revision).to(device)
         return cls(model, tokenizer, device=device, **kwargs)
-
-    def encode(self, problem: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Token ids of the formatted input and the positions of its step tags.
-
-        Built segment by segment (problem, then each step), exactly as the engine's incremental
-        scoring builds it, so full and incremental scoring see the same tokens.
-        """
-        ids = self.prefix_ids(problem)
-        pos = []
-        for i, step in enumerate(steps):
-            seg, offset = self.step_ids(step, i)
-            pos.append(len(ids) + offset)
-            ids = ids + seg
-        return ids, pos
 
     # -- the incremental interface the engine uses (rsd_batch/engine/steps.py: score_steps) --------
 
     def prefix_ids(self, problem: str) -> list[int]:
         return self.tokenizer.encode(problem, add_special_tokens=False)
 
-    def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
+    def step_ids(self, problem: str, step: str, index: int) -> tuple[list[int], int]:
         """Tokens of step `index` (0-based) with its tag, and where the tag is among them."""
         text = (" " if index == 0 else "") + step.strip() + f" {self.step_tag}\n"
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -95,31 +83,3 @@ class MathShepherdPRM:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return out.logits[..., [self.good_id, self.bad_id]].float()
-
-    @torch.no_grad()
-    def score(self, problems: Sequence[str], steps: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Reward of every step of every (problem, steps) pair, batched by length with padding."""
-        if len(problems) != len(steps):
-            raise ValueError("problems and steps differ in length")
-        enc = [self.encode(p, s) for p, s in zip(problems, steps)]
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
-        rewards: list[list[float]] = [[] for _ in enc]
-        i = 0
-        while i < len(order):
-            j = i + 1
-            while j < len(order) and (j + 1 - i) * len(enc[order[j]][0]) <= self.max_batch_tokens:
-                j += 1
-            idx = order[i:j]
-            n = max(len(enc[k][0]) for k in idx)
-            ids = torch.full((len(idx), n), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), n), dtype=torch.long)
-            for r, k in enumerate(idx):
-                seq = enc[k][0]
-                ids[r, :len(seq)] = torch.tensor(seq)
-                mask[r, :len(seq)] = 1
-            logits = self.tag_logits(ids.to(self.device), mask.to(self.device))
-            probs = logits.softmax(-1)[..., 0].cpu()
-            for r, k in enumerate(idx):
-                rewards[k] = probs[r, enc[k][1]].tolist()
-            i = j
-        return rewards

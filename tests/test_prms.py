@@ -1,0 +1,168 @@
+"""PRM adapters, each on a tiny model built here in its real checkpoint format: reward positions,
+padding and batch invariance, incremental (KV-cached) scoring equal to full scoring, loading."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rsd_batch.engine import Seq, reject_candidate, score_steps
+from rsd_batch.methods import Step
+from rsd_batch.prms import load_prm
+
+from conftest import make_config
+
+PROBLEMS = ["Ann has 23 coins. She buys 5 more. How many coins does Ann have now?",
+            "Ben has 7 apples. He doubles them. He gives 3 away. How many apples does Ben have now?",
+            "What is 12 * 3?"]
+STEPS = [["Ann starts with 23 coins.\n\n", "She buys 5 more: 23 + 5 = 28.\n\n", "The answer is \\boxed{28}."],
+         ["Ben starts with 7 apples.\n\n", "He doubles them: 7 * 2 = 15.\n\n",
+          "He gives 3 away: 15 - 3 = 12.\n\n", "The answer is \\boxed{12}."],
+         ["12 * 3 = 36.\n\n", "The answer is \\boxed{36}."]]
+
+
+def _tokenizer(toy_tokenizer, tmp, extra_special=(), template=None):
+    import copy
+    tok = copy.deepcopy(toy_tokenizer)
+    if extra_special:
+        tok.add_special_tokens({"additional_special_tokens": list(extra_special)})
+    if template:
+        tok.chat_template = template
+    return tok
+
+
+def _qwen2(tok, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    return Qwen2ForCausalLM(cfg)
+
+
+def _save_with_head(model, tok, out, architecture, head: dict):
+    """A checkpoint as the PRM's authors publish it: backbone `model.*` tensors plus the head's own."""
+    out.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head")}
+    save_file({**state, **head}, str(out / "model.safetensors"))
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [architecture]
+    (out / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def prm_folders(tmp_path_factory, toy_tokenizer, tiny_models):
+    root = tmp_path_factory.mktemp("prms")
+    g = torch.Generator().manual_seed(0)
+    folders = {"math_shepherd": tiny_models["prm"]}
+    tok = _tokenizer(toy_tokenizer, root)
+    folders["skywork"] = _save_with_head(
+        _qwen2(tok, 1), tok, root / "skywork", "Qwen2ForPrmModel",
+        {"v_head.summary.weight": torch.randn(1, 32, generator=g), "v_head.summary.bias": torch.randn(1, generator=g)})
+    qtok = _tokenizer(toy_tokenizer, root, extra_special=["<extra_0>"])
+    folders["qwen_prm"] = _save_with_head(
+        _qwen2(qtok, 2), qtok, root / "qwen_prm", "Qwen2ForProcessRewardModel",
+        {"score.0.weight": torch.randn(32, 32, generator=g), "score.0.bias": torch.randn(32, generator=g),
+         "score.2.weight": torch.randn(2, 32, generator=g), "score.2.bias": torch.randn(2, generator=g)})
+    llama3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] }}<|eot_id|>{% endfor %}")
+    ltok = _tokenizer(toy_tokenizer, root, template=llama3,
+                      extra_special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    ltok.bos_token = "<|begin_of_text|>"
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(ltok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=1024, pad_token_id=ltok.pad_token_id))
+    llama.save_pretrained(str(root / "rlhflow"))
+    ltok.save_pretrained(str(root / "rlhflow"))
+    folders["rlhflow"] = str(root / "rlhflow")
+    return folders
+
+
+FORMATS = ["math_shepherd", "skywork", "qwen_prm", "rlhflow"]
+
+
+def load(fmt, folders):
+    return load_prm(make_config(f"prm.format={fmt}", f"prm.path={folders[fmt]}", "prm.dtype=float32").prm)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reward_positions(fmt, prm_folders):
+    prm = load(fmt, prm_folders)
+    tok = prm.tokenizer
+    ids, pos = prm.encode(PROBLEMS[1], STEPS[1])
+    assert len(pos) == len(STEPS[1]) and pos == sorted(pos)
+    marker = {"math_shepherd": lambda i: ids[i] == tok.convert_tokens_to_ids("ки"),
+              "skywork": lambda i: ids[i] == prm.step_token_id and tok.decode([ids[i]]).endswith("\n"),
+              "qwen_prm": lambda i: tok.convert_ids_to_tokens(ids[i]) == "<extra_0>",
+              "rlhflow": lambda i: ids[i + 1] == prm.good_id}[fmt]
+    assert all(marker(p) for p in pos)
+    text = tok.decode(ids)
+    assert all(s.strip()[:12] in text for s in STEPS[1])
+    if fmt == "qwen_prm":
+        assert "Please reason step by step" in text and text.count("<extra_0>") == 4
+    if fmt == "rlhflow":
+        assert text.count("<|start_header_id|>user") == 4 and text.startswith("<|begin_of_text|>")
+        assert PROBLEMS[1] in text.split("<|eot_id|>")[0]  # the problem rides in the first user turn
+    if fmt == "skywork":
+        assert ids[:len(prm.prefix_ids(PROBLEMS[1]))] == prm.prefix_ids(PROBLEMS[1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_padding_and_batch_invariance(fmt, prm_folders):
+    prm = load(fmt, prm_folders)
+    left = prm.score(PROBLEMS, STEPS, padding_side="left")
+    right = prm.score(PROBLEMS, STEPS, padding_side="right")
+    alone = [prm.score([p], [s])[0] for p, s in zip(PROBLEMS, STEPS)]
+    many_p = [PROBLEMS[i % 3] for i in range(32)]
+    many_s = [STEPS[i % 3][: 1 + i % len(STEPS[i % 3])] for i in range(32)]
+    many = prm.score(many_p, many_s)
+    for a, b, c in zip(left, right, alone):
+        assert len(a) == len(b) == len(c) and all(0.0 <= x <= 1.0 for x in a)
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+        assert max(abs(x - y) for x, y in zip(a, c)) < 1e-5
+    for i, r in enumerate(many):
+        ref = alone[i % 3][: len(r)]
+        assert max(abs(x - y) for x, y in zip(r, ref)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_incremental_scoring_equals_full_scoring(fmt, prm_folders):
+    """The engine's KV-cached scoring, with a rejected candidate in the middle, against score()."""
+    prm = load(fmt, prm_folders)
+    seqs = [Seq(key=i, problem=p, tokens=[0], prompt_len=1, budget=100, generators={})
+            for i, p in enumerate(PROBLEMS)]
+    committed = [[] for _ in PROBLEMS]
+    for k in range(4):
+        live = [i for i in range(3) if k < len(STEPS[i])]
+        if k == 1:  # a candidate that is rejected, then replaced (as the target would)
+            wrong = score_steps(prm, [seqs[i] for i in live], ["Wrong: 1 + 1 = 3.\n\n"] * len(live), 64)
+            for i, r in zip(live, wrong):
+                full = prm.score([PROBLEMS[i]], [committed[i] + ["Wrong: 1 + 1 = 3.\n\n"]])[0][-1]
+                assert abs(full - r) < 1e-5
+                reject_candidate(seqs[i])
+                seqs[i].steps.append(Step(STEPS[i][k], "target"))
+                seqs[i].prm_pending.append(STEPS[i][k])
+                committed[i].append(STEPS[i][k])
+            continue
+        got = score_steps(prm, [seqs[i] for i in live], [STEPS[i][k] for i in live], 64)
+        for i, r in zip(live, got):
+            full = prm.score([PROBLEMS[i]], [committed[i] + [STEPS[i][k]]])[0][-1]
+            assert abs(full - r) < 1e-5
+            seqs[i].steps.append(Step(STEPS[i][k], "draft", r, True))
+            committed[i].append(STEPS[i][k])
+    # Only new tokens were read: the PRM processed each final token once, plus the rejected steps.
+    for i, s in enumerate(seqs):
+        final = len(prm.encode(PROBLEMS[i], committed[i])[0])
+        assert final <= s.ledger.prm.prefill_tokens < final + 40
+
+
+def test_a_checkpoint_without_its_head_is_refused(prm_folders, tmp_path):
+    from rsd_batch.models import ModelLoadError
+    with pytest.raises((ModelLoadError, ValueError), match="no tensor v_head.summary.weight"):
+        load("skywork", {"skywork": prm_folders["qwen_prm"]})
