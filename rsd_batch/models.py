@@ -115,3 +115,79 @@ def render_prompt(tokenizer, problem: str, cfg: PromptConfig) -> str:
             [{"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return (cfg.system + "\n\n" + user) if cfg.system else user
+
+
+# ---------------------------------------------------------------- memory plan
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
+    """Weights and KV-cache budget of each model the method uses, from configs alone (meta device).
+
+    The KV budget assumes every sequence in flight (`batch_size`) reaches the context it may use:
+    min(max_context, max_new_tokens + 2048 prompt tokens) — an upper bound, so a fit is a fit.
+    """
+    from transformers import AutoConfig
+
+    plan = []
+    for role in roles:
+        node = cfg.prm if role == "prm" else cfg.model[role]
+        try:
+            conf = AutoConfig.from_pretrained(node.path, revision=node.revision,
+                                              trust_remote_code=node.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(_load_hint(f"{'prm' if role == 'prm' else 'model.' + role}.path", node.path, e)) from None
+        dtype = torch_dtype(node.dtype, node.device)
+        text = getattr(conf, "text_config", None) or conf
+        cost = CostModel.from_config(conf) if role != "prm" else None
+        params = _count_params(conf)
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * _BYTES.get(dtype, 4)
+        limit = getattr(node, "max_context", None) or getattr(text, "max_position_embeddings", 4096)
+        context = min(limit, cfg.method.max_new_tokens + 2048)
+        plan.append({"role": role, "device": "auto" if getattr(node, "device_map", None) else node.device,
+                     "params": params, "weights_bytes": params * _BYTES.get(dtype, 4),
+                     "kv_bytes": per_token * context * batch_size, "kv_bytes_per_token": per_token,
+                     "context": context, "dtype": str(dtype).replace("torch.", ""),
+                     "flops_per_token": cost.forward_flops(1, 0) if cost else None})
+    return plan
+
+
+def _count_params(conf) -> int:
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(conf)
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) + \
+        (conf.vocab_size * conf.hidden_size if not getattr(conf, "tie_word_embeddings", True) else 0)
+
+
+def free_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    import os
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(plan: list[dict], headroom: float = 0.9) -> str:
+    """The plan as a table; raises ModelLoadError, before anything loads, when a device cannot hold it."""
+    lines = [f"{'role':<7} {'device':<7} {'dtype':<9} {'params':>10} {'weights':>9} {'KV budget':>10} {'context':>8}"]
+    need: dict[str, int] = {}
+    for p in plan:
+        lines.append(f"{p['role']:<7} {p['device']:<7} {p['dtype']:<9} {p['params'] / 1e6:>9,.1f}M "
+                     f"{p['weights_bytes'] / 2**30:>7.2f}GB {p['kv_bytes'] / 2**30:>8.2f}GB {p['context']:>8}")
+        if p["device"] != "auto":  # accelerate places device_map models itself
+            need[p["device"]] = need.get(p["device"], 0) + p["weights_bytes"] + p["kv_bytes"]
+    table = "\n".join(lines)
+    for device, total in need.items():
+        free = free_bytes(device if device != "cuda" else "cuda:0")
+        if total > headroom * free:
+            raise ModelLoadError(
+                f"memory plan: {device} needs {total / 2**30:.1f} GB (weights + KV budget) but has "
+                f"{free / 2**30:.1f} GB free.\n{table}\nLower run.batch_size or method.max_new_tokens, use "
+                "dtype=bfloat16, or give the target its own GPU(s) with model.target.device_map=auto.")
+    return table

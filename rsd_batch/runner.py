@@ -267,6 +267,11 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
     method = get_method(cfg.method.name.value)
+    from .models import check_memory, memory_plan
+
+    # Before anything is written or loaded: will the models and their caches fit?
+    log.info("memory plan (weights + KV budget for %d sequences in flight):\n%s", cfg.run.batch_size,
+             check_memory(memory_plan(cfg, method.roles(cfg.method), cfg.run.batch_size)))
     fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))
     indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
     left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices)
