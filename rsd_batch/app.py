@@ -18,6 +18,7 @@ log = logging.getLogger("rsd_batch")
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        from .launch import LaunchError
         from .merge import MergeError
         from .models import ModelLoadError
         from .problems import ProblemSetError
@@ -26,7 +27,8 @@ def user_errors(fn):
 
         try:
             return fn(cfg)
-        except (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError) as e:
+        except (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError,
+                LaunchError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
@@ -51,11 +53,22 @@ def shard(cfg: DictConfig) -> dict:
 
 @user_errors
 def run(cfg: DictConfig) -> dict:
-    from .runner import run as run_shards
+    from .launch import launch
 
-    report = run_shards(cfg)
-    print(f"{len(report['ran'])} shards run, {report['skipped']} already done; "
-          f"results in {Path(cfg.run.dir) / 'results'}")
+    # launcher=local/debug: runs here; slurm: submits the arrays and returns; run.dry_run: the plan.
+    report = launch(cfg)
+    if "ran" in report:
+        print(f"{len(report['ran'])} shards run, {report['skipped']} already done; "
+              f"results in {Path(cfg.run.dir) / 'results'}")
+    return report
+
+
+@user_errors
+def status(cfg: DictConfig) -> dict:
+    from .launch import format_status, status as run_status
+
+    report = run_status(cfg)
+    print(format_status(report))
     return report
 
 
@@ -63,6 +76,9 @@ def run(cfg: DictConfig) -> dict:
 def merge(cfg: DictConfig) -> dict:
     from .merge import format_summary, merge_run
 
+    if str(cfg.launcher.name) == "slurm" and cfg.launcher.merge_after:
+        from .launch import submit_merge
+        return submit_merge(cfg)  # a job that runs after the run's queued tasks succeed
     summary = merge_run(Path(cfg.run.dir))
     print(format_summary(summary))
     print(f"merged dataset: {summary['dataset']}\nsummary: {Path(cfg.run.dir) / 'summary.json'}")
@@ -72,5 +88,11 @@ def merge(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> dict:
     """shard -> run -> merge in one go (each step skips what is already done)."""
     shard(cfg)
-    run(cfg)
+    if str(cfg.launcher.name) == "slurm" and not cfg.run.dry_run:
+        # Submitting does not wait: the merge becomes a job that runs after the tasks (afterok).
+        cfg.launcher.merge_after = True
+        return run(cfg)
+    report = run(cfg)
+    if cfg.run.dry_run:
+        return report
     return merge(cfg)

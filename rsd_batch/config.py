@@ -150,6 +150,7 @@ class MethodConfig:
     max_new_tokens: int = 512  # per sample, all steps together
     max_steps: int = 64
     step_delimiter: str = "\n\n"
+    step_tokens: int = 0  # > 0: a step is exactly this many tokens, whatever the text (benchmarks)
     refill: bool = True  # continuous batching: a finished sample's slot goes to the next at once
     # RSD
     weighting: Weighting = Weighting.binary

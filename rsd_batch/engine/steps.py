@@ -91,6 +91,11 @@ class StepOut:
     probs: list = field(default_factory=list)  # with keep_probs: the distribution of each token
 
 
+def stopper_for(tokenizer, cfg):
+    """How a method's steps end: at the delimiter, or after `method.step_tokens` tokens."""
+    return FixedLength(cfg.step_tokens) if cfg.step_tokens > 0 else StepStopper(tokenizer, cfg.step_delimiter)
+
+
 class FixedLength:
     """A 'step' of k tokens (speculative sampling's proposals)."""
 

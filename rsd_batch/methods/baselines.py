@@ -5,7 +5,7 @@ is `draft_only` token for token, and with every step rejected it is `target_only
 """
 from __future__ import annotations
 
-from ..engine import SamplingParams, StepStopper, generate_step, run_rounds
+from ..engine import SamplingParams, stopper_for, generate_step, run_rounds
 from . import Context, Method, Step, start_seq, to_result
 
 
@@ -13,7 +13,7 @@ def _single_model(role: str):
     def run(tasks, ctx: Context):
         lm, cfg = ctx.models[role], ctx.method
         params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
-        stopper = StepStopper(lm.tokenizer, cfg.step_delimiter)
+        stopper = stopper_for(lm.tokenizer, cfg)
 
         def round_fn(active):
             for seq, out in zip(active, generate_step(lm, active, params, stopper)):

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..config import MethodConfig, Weighting
-from ..engine import SamplingParams, StepStopper, generate_step, reject_candidate, run_rounds, score_steps
+from ..engine import SamplingParams, stopper_for, generate_step, reject_candidate, run_rounds, score_steps
 from . import Context, Method, Step, same_vocab, start_seq, to_result
 
 
@@ -41,7 +41,7 @@ def run(tasks, ctx: Context):
     cfg = ctx.method
     same_vocab(draft, target, "rsd")
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
-    stopper = StepStopper(draft.tokenizer, cfg.step_delimiter)
+    stopper = stopper_for(draft.tokenizer, cfg)
     binary = cfg.weighting == Weighting.binary
 
     def round_fn(active):

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 
 from ..config import Aggregation
-from ..engine import SamplingParams, StepStopper, generate_step, run_rounds, score_steps
+from ..engine import SamplingParams, stopper_for, generate_step, run_rounds, score_steps
 from ..ledger import Ledger
 from . import Context, Method, Step, generators, start_seq, to_result
 
@@ -59,7 +59,7 @@ def best_of_n(tasks, ctx: Context):
     cfg = ctx.method
     policy, prm = ctx.models[cfg.policy.value], ctx.models["prm"]
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
-    round_fn = _policy_round(policy, prm, cfg, params, StepStopper(policy.tokenizer, cfg.step_delimiter))
+    round_fn = _policy_round(policy, prm, cfg, params, stopper_for(policy.tokenizer, cfg))
     keys = ((task, j) for task in tasks for j in range(cfg.candidates))
     done: dict = defaultdict(list)
 
@@ -82,7 +82,7 @@ def beam_search(tasks, ctx: Context):
     cfg = ctx.method
     policy, prm = ctx.models[cfg.policy.value], ctx.models["prm"]
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
-    round_fn = _policy_round(policy, prm, cfg, params, StepStopper(policy.tokenizer, cfg.step_delimiter))
+    round_fn = _policy_round(policy, prm, cfg, params, stopper_for(policy.tokenizer, cfg))
     n, width = cfg.candidates, cfg.beam_width
     keep = max(1, n // width)
     per_batch = max(1, ctx.batch_size // n)  # problems searched together

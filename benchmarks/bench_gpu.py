@@ -1,0 +1,156 @@
+"""RSD against target_only on the paper's shapes, on one GPU: tokens/s, FLOPs/s, share of bf16 peak.
+
+    python benchmarks/bench_gpu.py                      # H200: Qwen2.5-Math-1.5B draft, -7B target,
+                                                        # Skywork-1.5B-shaped PRM, bf16, batch 64
+    python benchmarks/bench_gpu.py --device cpu --scale 16 --batch 4 --rounds 2 --step-tokens 8 --prompt 16
+
+The models are random-init with the real configurations (rsd_batch/shapes.py): a forward costs the
+same whatever the weights. Steps are forced to `--step-tokens` tokens (method.step_tokens) and the
+acceptance rate is fixed with ω = constant (0, 0.5, 0.9), so every row measures the real engine,
+caches and ledger at a known mix of draft, PRM and target work. Text is token ids written as
+numbers (IdTokenizer below), since random models have no real tokenizer to speak through.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from rsd_batch.config import MethodConfig, MethodName, PromptConfig, Weighting  # noqa: E402
+from rsd_batch.ledger import ROLES, CostModel  # noqa: E402
+from rsd_batch.methods import Context, Task, get_method  # noqa: E402
+from rsd_batch.models import LoadedModel  # noqa: E402
+from rsd_batch.prms.skywork import HEAD, SkyworkPRM  # noqa: E402
+from rsd_batch.shapes import qwen2_config  # noqa: E402
+
+
+class IdTokenizer:
+    """Token ids as text: "17 4 99 " <-> [17, 4, 99]; "\\n\\n" is Qwen's id 271 (Skywork's step token)."""
+
+    chat_template = None
+    bos_token = None
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [int(t) for t in text.split() if t.isdigit()]
+        return ids if ids or "\n" not in text else [271]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": self.encode(text)}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+    def get_vocab(self) -> dict:
+        return {"ids": self.vocab}
+
+
+def build(name: str, device, scale: int, backbone_only: bool = False):
+    from transformers import Qwen2ForCausalLM, Qwen2Model
+
+    cfg = qwen2_config(name, scale)
+    with torch.device(device):
+        model = (Qwen2Model if backbone_only else Qwen2ForCausalLM)(cfg).to(torch.bfloat16).eval()
+    return model, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--scale", type=int, default=1, help="divide widths/depth (CPU smoke test)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=8, help="steps per sample")
+    ap.add_argument("--step-tokens", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H200/H100 SXM: 989)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    draft_model, dcfg = build("qwen2.5-math-1.5b", device, args.scale)
+    target_model, tcfg = build("qwen2.5-math-7b", device, args.scale)
+    prm_model, pcfg = build("qwen2.5-math-1.5b", device, args.scale, backbone_only=True)  # Skywork-1.5B shape
+    vocab = min(dcfg.vocab_size, tcfg.vocab_size)
+    tok = IdTokenizer(vocab)
+
+    def loaded(role, model):
+        return LoadedModel(role=role, model=model, tokenizer=tok, cost=CostModel.from_model(model), device=device,
+                           max_context=4096, eos_ids=frozenset({-1}), pad_id=0)  # no EOS: steps are fixed
+
+    draft, target = loaded("draft", draft_model), loaded("target", target_model)
+    head = {HEAD[0]: torch.randn(1, pcfg.hidden_size) * 0.02, HEAD[1]: torch.zeros(1)}
+    prm = SkyworkPRM(prm_model, tok, head, device)
+    prm.role = "prm"
+    from transformers import Qwen2ForCausalLM
+    with torch.device("meta"):
+        prm.cost = CostModel.from_model(Qwen2ForCausalLM(pcfg))  # a value head, not an lm_head: close
+    prm.synchronize = draft.synchronize
+    models = {"draft": draft, "target": target, "prm": prm}
+
+    rng = random.Random(0)
+    tasks = [Task(f"p{i}", 0, " ".join(str(rng.randrange(1000, vocab)) for _ in range(args.prompt)))
+             for i in range(args.batch)]
+    budget = args.rounds * args.step_tokens
+    points = [("target_only", MethodName.target_only, None)] + \
+        [(f"rsd, {a:.0%} accepted", MethodName.rsd, a) for a in (0.0, 0.5, 0.9)]
+    rows = []
+    for label, name, accept in points:
+        cfg = OmegaConf.structured(MethodConfig(name=name, temperature=0.0, max_new_tokens=budget,
+                                                max_steps=args.rounds, step_tokens=args.step_tokens,
+                                                weighting=Weighting.constant, constant=accept or 0.0))
+        method = get_method(name.value)
+        ctx = Context({r: models[r] for r in method.roles(cfg)}, cfg, OmegaConf.structured(PromptConfig()),
+                      0, args.batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        results = [r for _, r in method.run(tasks, ctx)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        per_role = {}
+        for role in ROLES:
+            flops = sum(r.ledger.role(role).flops for r in results)
+            secs = sum(r.ledger.role(role).seconds for r in results)
+            toks = sum(r.ledger.role(role).prefill_tokens + r.ledger.role(role).decode_tokens for r in results)
+            per_role[role] = (toks, flops, secs)
+        out_tokens = sum(r.ledger.draft.generated_tokens - r.ledger.draft.discarded_tokens
+                         + r.ledger.target.generated_tokens for r in results)
+        accepted = [s.accepted for r in results for s in r.steps if s.accepted is not None]
+        rows.append((label, wall, out_tokens, per_role, sum(accepted) / len(accepted) if accepted else None))
+
+    ref_wall = rows[0][1]
+    print(f"\n{args.batch} sequences x {args.rounds} steps of {args.step_tokens} tokens after a {args.prompt}-token "
+          f"prompt, bf16, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"scale 1/{args.scale}\n")
+    print("| method | measured acceptance | wall s | output tok/s | vs target_only | "
+          "draft tok/s | draft TFLOP/s | target tok/s | target TFLOP/s | PRM tok/s | PRM TFLOP/s | all TFLOP/s | "
+          "% of bf16 peak |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, wall, out_tokens, per_role, acc in rows:
+        cells = []
+        for role in ROLES:
+            toks, flops, secs = per_role[role]
+            cells += [f"{toks / secs:,.0f}" if secs else "-", f"{flops / secs / 1e12:.1f}" if secs else "-"]
+        total = sum(f for _, f, _ in per_role.values())
+        print(f"| {label} | {'' if acc is None else f'{acc:.0%}'} | {wall:.1f} | {out_tokens / wall:,.0f} | "
+              f"{ref_wall / wall:.2f}x | " + " | ".join(cells) +
+              f" | {total / wall / 1e12:.1f} | {100 * total / wall / 1e12 / args.peak_tflops:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Regenerate the toy world from seeds: tokenizer, held-out problems, draft, target and PRM.
+
+``python jobs/train_toy.py`` (Hydra; every field of :class:`ToyTrainConfig` is overridable, e.g.
+``python jobs/train_toy.py draft.steps=6000 stages=[prm,eval]``).
+
+Stages (``stages``): ``data`` (tokenizer + held-out test file), ``draft``, ``target``, ``prm``,
+``eval`` (measures all three shipped folders on the held-out file and writes ``train_report.json``
+into each). Each stage reads what earlier stages saved, so a stage can be rerun alone.
+
+Training problems come from the generator's ``"train"`` stream (policies) and ``"prm"`` stream
+(PRM data); the held-out file from the ``"test"`` stream. Different streams never share a random
+generator, and every training problem whose text occurs in the held-out file is skipped, so the
+held-out problems are disjoint from training by construction and by check.
+
+The PRM (Math-Shepherd format) is initialised from the trained target and fine-tuned on
+(a) on-policy draft rollouts at temperature 0.7 and (b) reference solutions with one synthetically
+corrupted step, with the checker's *local-correctness* labels at every ``ки`` tag (2-way loss over
+the ``+``/``-`` logits, exactly what the adapter reads).
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .build import build_toy_tokenizer, count_parameters, new_model, save_model
+from .checker import check_solution
+from .lm import PolicyBatcher, generate_solutions, lm_loss, pad_batch, train_loop
+from .perturb import perturbed_solution
+from .problems import ProblemConfig, generate_problems, make_problem, read_problem_set, write_problem_set
+
+
+@dataclass
+class PolicySpec:
+    num_layers: int = 2
+    hidden_size: int = 48
+    intermediate_size: int = 192
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    seed: int = 0
+    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio (1.0 = constant after warmup)
+    eval_every: int = 0  # log greedy accuracy on the first eval_problems held-out problems (0 = off)
+    eval_problems: int = 100
+    bf16_autocast: bool = False  # CPU bf16 autocast for forward/backward (fp32 master weights)
+    save_dtype: str = "float32"  # float32 | bfloat16 (size of the committed folder)
+
+
+@dataclass
+class PRMSpec:
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 40
+    weight_decay: float = 0.0
+    n_rollout_problems: int = 3000  # draft rollouts (on-policy samples) for training
+    rollout_temperature: float = 0.7
+    rollouts_per_problem: int = 1
+    n_perturbed: int = 3000  # reference solutions with one corrupted step
+    n_clean: int = 400  # untouched reference solutions
+    p_continue: float = 0.5
+    seed: int = 0
+    bf16_autocast: bool = True
+    save_dtype: str = "bfloat16"
+
+
+@dataclass
+class EvalSpec:
+    n_problems: int = 500  # the held-out file
+    prm_temperature: float = 0.7
+    prm_samples_per_problem: int = 2
+    deltas: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    seed: int = 1234
+
+
+@dataclass
+class ToyTrainConfig:
+    out_dir: str = "models/toy"
+    data_dir: str = "data/toy"
+    test_file: str = "toy_arith_test.jsonl"
+    seed: int = 0
+    threads: int = 2
+    stages: List[str] = field(default_factory=lambda: ["data", "draft", "target", "prm", "eval"])
+    vocab_size: int = 1024
+    problems: ProblemConfig = field(default_factory=ProblemConfig)
+    draft: PolicySpec = field(default_factory=PolicySpec)
+    target: PolicySpec = field(default_factory=lambda: PolicySpec(
+        num_layers=4, hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=8, steps=1000,
+        batch_size=16, lr=2e-3, bf16_autocast=True, save_dtype="bfloat16"))
+    prm: PRMSpec = field(default_factory=PRMSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    log_every: int = 100
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_toy", node=ToyTrainConfig)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _problem_cfg(cfg: ToyTrainConfig) -> ProblemConfig:
+    p = cfg.problems
+    if isinstance(p, ProblemConfig):
+        return p
+    d = dict(p)
+    d["operators"] = list(d["operators"])
+    d["op_weights"] = None if d.get("op_weights") is None else list(d["op_weights"])
+    return ProblemConfig(**d)
+
+
+def _test_path(cfg: ToyTrainConfig) -> Path:
+    return Path(cfg.data_dir) / cfg.test_file
+
+
+def _held_out(cfg: ToyTrainConfig):
+    return read_problem_set(_test_path(cfg))
+
+
+def _stream_fn(pcfg: ProblemConfig, seed: int, stream: str, exclude: set[str]):
+    def fn(i: int):
+        p = make_problem(pcfg, seed, i, stream)
+        k = 0
+        while p.text in exclude:  # never train on a held-out problem
+            k += 1
+            p = make_problem(pcfg, seed, i, f"{stream}-redraw{k}")
+        return p
+    return fn
+
+
+# --------------------------------------------------------------------------- stages
+
+def stage_data(cfg: ToyTrainConfig):
+    pcfg = _problem_cfg(cfg)
+    t0 = time.time()
+    # the tokenizer corpus uses the generator's default knobs, so the vocabulary does not move with them
+    tok = build_toy_tokenizer(Path(cfg.out_dir) / "tokenizer", seed=cfg.seed, vocab_size=cfg.vocab_size)
+    test = generate_problems(cfg.eval.n_problems, pcfg, seed=cfg.seed, stream="test")
+    write_problem_set(test, _test_path(cfg))
+    _log(f"data: tokenizer ({len(tok)} tokens) and {len(test)} held-out problems -> {_test_path(cfg)} "
+         f"in {time.time() - t0:.1f}s")
+    return tok
+
+
+def _load_tokenizer(cfg: ToyTrainConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(cfg.out_dir) / "tokenizer"))
+
+
+def stage_policy(cfg: ToyTrainConfig, role: str) -> dict:
+    spec: PolicySpec = getattr(cfg, role)
+    pcfg = _problem_cfg(cfg)
+    tok = _load_tokenizer(cfg)
+    exclude = {p.text for p in _held_out(cfg)}
+    model = new_model(tok, seed=spec.seed, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                      intermediate_size=spec.intermediate_size, num_heads=spec.num_heads,
+                      num_kv_heads=spec.num_kv_heads)
+    n_params = count_parameters(model)
+    _log(f"{role}: {n_params:,} parameters, {spec.steps} steps at batch {spec.batch_size}")
+    torch.manual_seed(spec.seed)
+    batcher = PolicyBatcher(tok, _stream_fn(pcfg, cfg.seed, "train", exclude), spec.batch_size)
+    curve = []
+
+    def monitor(step: int) -> None:
+        from .eval import evaluate_policy
+
+        r = evaluate_policy(model, tok, _held_out(cfg)[:spec.eval_problems])
+        curve.append({"step": step, "accuracy": r["accuracy"], "step_accuracy": r["step_accuracy"]})
+        _log(f"{role} step {step}: held-out accuracy {r['accuracy']:.3f}, step accuracy {r['step_accuracy']:.3f} "
+             f"{ {k: round(v, 3) for k, v in r['step_accuracy_by_kind'].items()} }")
+
+    info = train_loop(model, batcher, lm_loss, spec.steps, spec.lr, warmup=spec.warmup,
+                      weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
+                      bf16_autocast=spec.bf16_autocast, lr_min_ratio=spec.lr_min_ratio,
+                      callback=monitor if spec.eval_every else None,
+                      callback_every=spec.eval_every)
+    out = Path(cfg.out_dir) / role
+    save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
+    report = {"role": role, "parameters": n_params, "config": asdict(spec) if not isinstance(spec, dict) else spec,
+              "train_steps": info["steps"], "train_minutes": round(info["minutes"], 2),
+              "final_train_loss": info["final_loss"], "train_examples": info["steps"] * spec.batch_size,
+              "problem_config": pcfg.to_dict(), "learning_curve": curve}
+    _write_report(out, report)
+    _log(f"{role}: trained in {info['minutes']:.1f} min, saved to {out}")
+    return report
+
+
+def _load_causal_lm(path: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def prm_training_examples(cfg: ToyTrainConfig, tok, draft) -> list[tuple[str, list[str], list[bool]]]:
+    """(problem text, steps, local labels): draft rollouts at T=0.7 + perturbed + clean references."""
+    spec = cfg.prm
+    pcfg = _problem_cfg(cfg)
+    exclude = {p.text for p in _held_out(cfg)}
+    fn = _stream_fn(pcfg, cfg.seed, "prm", exclude)
+    rng = random.Random(spec.seed)
+    examples = []
+    problems = [fn(i) for i in range(spec.n_rollout_problems)]
+    rollouts = generate_solutions(draft, tok, problems, temperature=spec.rollout_temperature, seed=spec.seed,
+                                  batch_size=256, num_samples=spec.rollouts_per_problem)
+    for p, texts in zip(problems, rollouts):
+        for t in texts:
+            labels = check_solution(p, t).steps
+            if labels:
+                examples.append((p.text, [s.text for s in labels], [s.local_correct for s in labels]))
+    off = spec.n_rollout_problems
+    for i in range(spec.n_perturbed):
+        p = fn(off + i)
+        steps, labels = perturbed_solution(p, rng, spec.p_continue)
+        examples.append((p.text, steps, labels))
+    off += spec.n_perturbed
+    for i in range(spec.n_clean):
+        p = fn(off + i)
+        steps = p.reference_steps()
+        examples.append((p.text, steps, [True] * len(steps)))
+    rng.shuffle(examples)
+    return examples
+
+
+class PRMBatcher:
+    def __init__(self, prm_adapter, examples, batch_size: int, seed: int = 0):
+        self.prm = prm_adapter
+        self.enc = []
+        for text, steps, labels in examples:
+            ids, pos = prm_adapter.encode(text, steps)
+            self.enc.append((ids, pos, labels))
+        self.bs = batch_size
+        self.rng = random.Random(seed)
+        self.queue: list[list[int]] = []
+
+    def _refill(self):
+        order = list(range(len(self.enc)))
+        self.rng.shuffle(order)
+        # group by length inside chunks of 16 batches
+        chunk = self.bs * 16
+        groups = []
+        for s in range(0, len(order), chunk):
+            part = sorted(order[s:s + chunk], key=lambda i: len(self.enc[i][0]))
+            groups += [part[k:k + self.bs] for k in range(0, len(part), self.bs)]
+        self.rng.shuffle(groups)
+        self.queue = groups
+
+    def __call__(self, step: int):
+        if not self.queue:
+            self._refill()
+        idx = self.queue.pop()
+        ids, mask = pad_batch([self.enc[i][0] for i in idx], self.prm.pad_id)
+        tag_labels = torch.full(ids.shape, -100, dtype=torch.long)
+        for r, i in enumerate(idx):
+            _, pos, labels = self.enc[i]
+            for p, l in zip(pos, labels):
+                tag_labels[r, p] = 0 if l else 1  # class 0 = "+", class 1 = "-"
+        return ids, mask, tag_labels
+
+
+def stage_prm(cfg: ToyTrainConfig) -> dict:
+    from rsd_batch.prms.math_shepherd import MathShepherdPRM
+
+    spec = cfg.prm
+    t0 = time.time()
+    tok = _load_tokenizer(cfg)
+    draft = _load_causal_lm(Path(cfg.out_dir) / "draft")
+    model = _load_causal_lm(Path(cfg.out_dir) / "target")  # PRM initialised from the trained target
+    prm = MathShepherdPRM(model, tok)
+    examples = prm_training_examples(cfg, tok, draft)
+    n_steps = sum(len(e[2]) for e in examples)
+    n_neg = sum(1 for e in examples for l in e[2] if not l)
+    data_min = (time.time() - t0) / 60
+    _log(f"prm: {len(examples)} training solutions, {n_steps} labelled steps ({n_neg} incorrect), "
+         f"built in {data_min:.1f} min")
+    batcher = PRMBatcher(prm, examples, spec.batch_size, seed=spec.seed)
+
+    def loss_fn(m, ids, mask, tag_labels):
+        logits = prm.tag_logits(ids, mask)
+        return F.cross_entropy(logits.reshape(-1, 2), tag_labels.reshape(-1), ignore_index=-100)
+
+    torch.manual_seed(spec.seed)
+    info = train_loop(model, batcher, loss_fn, spec.steps, spec.lr, warmup=spec.warmup,
+                      weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
+                      bf16_autocast=spec.bf16_autocast)
+    out = Path(cfg.out_dir) / "prm"
+    save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
+    report = {"role": "prm", "format": "math_shepherd", "initialised_from": "target",
+              "parameters": count_parameters(model), "config": asdict(spec) if not isinstance(spec, dict) else spec,
+              "train_steps": info["steps"], "train_minutes": round(info["minutes"] + data_min, 2),
+              "data_minutes": round(data_min, 2), "final_train_loss": info["final_loss"],
+              "train_solutions": len(examples), "train_labelled_steps": n_steps, "train_incorrect_steps": n_neg}
+    _write_report(out, report)
+    _log(f"prm: trained in {info['minutes']:.1f} min (+{data_min:.1f} min data), saved to {out}")
+    return report
+
+
+def stage_eval(cfg: ToyTrainConfig) -> dict:
+    from rsd_batch.prms.math_shepherd import MathShepherdPRM
+
+    from .eval import evaluate_policy, evaluate_prm
+
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    tok = _load_tokenizer(cfg)
+    test = _held_out(cfg)
+    results = {}
+    models = {}
+    for role in ("draft", "target"):
+        t1 = time.time()
+        models[role] = _load_causal_lm(out / role)
+        results[role] = evaluate_policy(models[role], tok, test)
+        results[role]["eval_minutes"] = round((time.time() - t1) / 60, 2)
+        _log(f"eval {role}: accuracy {results[role]['accuracy']:.3f}, step accuracy "
+             f"{results[role]['step_accuracy']:.3f}")
+    t1 = time.time()
+    prm = MathShepherdPRM.from_pretrained(str(out / "prm"))
+    results["prm"] = evaluate_prm(prm, models["draft"], tok, test, temperature=cfg.eval.prm_temperature,
+                                  seed=cfg.eval.seed, num_samples=cfg.eval.prm_samples_per_problem,
+                                  deltas=tuple(cfg.eval.deltas))
+    results["prm"]["eval_minutes"] = round((time.time() - t1) / 60, 2)
+    for role in ("draft", "target", "prm"):
+        _update_report(out / role, {"eval": results[role], "eval_problems": str(_test_path(cfg))})
+    _log(f"eval done in {(time.time() - t0) / 60:.1f} min")
+    print(format_table(cfg), flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- reports
+
+def _write_report(folder: Path, report: dict) -> None:
+    (folder / "train_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _update_report(folder: Path, extra: dict) -> None:
+    path = folder / "train_report.json"
+    rep = json.loads(path.read_text()) if path.exists() else {}
+    rep.update(extra)
+    rep["folder_mb"] = round(sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20, 2)
+    _write_report(folder, rep)
+
+
+def format_table(cfg: ToyTrainConfig) -> str:
+    out = Path(cfg.out_dir)
+    reps = {r: json.loads((out / r / "train_report.json").read_text()) for r in ("draft", "target", "prm")}
+    lines = ["| model | parameters | train steps | train min | greedy accuracy | step accuracy | folder MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in ("draft", "target"):
+        e = reps[r].get("eval", {})
+        lines.append(f"| {r} | {reps[r]['parameters']:,} | {reps[r]['train_steps']} | {reps[r]['train_minutes']} | "
+                     f"{e.get('accuracy', float('nan')):.3f} | {e.get('step_accuracy', float('nan')):.3f} | "
+                     f"{reps[r].get('folder_mb', '')} |")
+    p = reps["prm"]
+    lines.append(f"| prm | {p['parameters']:,} | {p['train_steps']} | {p['train_minutes']} | - | - | "
+                 f"{p.get('folder_mb', '')} |")
+    e = p.get("eval")
+    if e:
+        k = e["auroc_by_kind"]
+        lines += ["", f"PRM on draft steps (T={e['temperature']}, {e['num_problems']} problems x {e['num_samples']} "
+                      f"samples, {e['n_steps']} steps, {e['share_correct']:.3f} correct):",
+                  "| AUROC all | first step | operation steps | answer step | all (prefix labels) | all (correct context) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |",
+                  f"| {e['auroc']:.4f} | {k.get('first', float('nan')):.4f} | {k.get('op', float('nan')):.4f} | "
+                  f"{k.get('answer', float('nan')):.4f} | {e['auroc_prefix_label']:.4f} | {e['auroc_correct_context']:.4f} |",
+                  "", "| delta | accepted share | precision | recall |", "| ---: | ---: | ---: | ---: |"]
+        for op in e["operating_points"]:
+            lines.append(f"| {op['delta']} | {op['accept_share']:.3f} | {op['precision']:.3f} | {op['recall']:.3f} |")
+    return "\n".join(lines)
+
+
+def run(cfg: ToyTrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    timings = {}
+    for stage in cfg.stages:
+        ts = time.time()
+        if stage == "data":
+            stage_data(cfg)
+        elif stage in ("draft", "target"):
+            stage_policy(cfg, stage)
+        elif stage == "prm":
+            stage_prm(cfg)
+        elif stage == "eval":
+            stage_eval(cfg)
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        timings[stage] = round((time.time() - ts) / 60, 2)
+    timings["total"] = round((time.time() - t0) / 60, 2)
+    _log(f"stage minutes: {timings}")
+    return timings

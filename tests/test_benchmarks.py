@@ -1,0 +1,33 @@
+"""The benchmark scripts run and print sane tables (timings themselves are never asserted)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from rsd_batch.config import ROOT
+
+
+def table_rows(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| step")]
+
+
+def test_gpu_benchmark_runs_scaled_down_on_the_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--device", "cpu", "--scale", "16",
+                           "--batch", "3", "--rounds", "2", "--step-tokens", "6", "--prompt", "12"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r[0]: r for r in table_rows(proc.stdout)}
+    assert list(rows) == ["target_only", "rsd, 0% accepted", "rsd, 50% accepted", "rsd, 90% accepted"]
+    assert rows["rsd, 0% accepted"][1] == "0%"  # ω = 0 accepts nothing
+    assert rows["target_only"][7] != "-" and rows["target_only"][5] == "-"  # target only, no draft
+    assert all(float(r[2]) > 0 for r in rows.values())
+
+
+def test_foundation_benchmark_small():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_foundation.py"), "--rows", "3000",
+                           "--shard-size", "500", "--part-rows", "50"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = table_rows(proc.stdout)
+    assert [r[0] for r in rows][:2] == ["shard", "resume scan (60 parts)"] and rows[-1][0] == "merge"
+    assert all(r[1].replace(",", "").isdigit() for r in rows)
