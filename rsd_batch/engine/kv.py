@@ -30,6 +30,54 @@ class RowKV:
             self.length = length
 
 
+def _growing_layer_class():
+    """A cache layer that writes new tokens into spare room instead of concatenating.
+
+    Hugging Face's DynamicLayer concatenates on every token, copying the whole cache each time; this
+    one doubles its buffer when full, so a decode step copies only the new token's keys and values.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # transformers < 4.56: plain concatenating caches
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self.buf_k = self.buf_v = None
+            self.used = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = key_states.shape[-2]
+            if self.buf_k is None or self.used + new > self.buf_k.shape[-2]:
+                cap = max(2 * (self.used + new), 64)
+                shape = (*key_states.shape[:-2], cap, key_states.shape[-1])
+                buf_k, buf_v = key_states.new_empty(shape), value_states.new_empty(shape)
+                if self.used:
+                    buf_k[..., : self.used, :] = self.buf_k[..., : self.used, :]
+                    buf_v[..., : self.used, :] = self.buf_v[..., : self.used, :]
+                self.buf_k, self.buf_v = buf_k, buf_v
+            self.buf_k[..., self.used: self.used + new, :] = key_states
+            self.buf_v[..., self.used: self.used + new, :] = value_states
+            self.used += new
+            self.keys = self.buf_k[..., : self.used, :]
+            self.values = self.buf_v[..., : self.used, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            if self.buf_k is not None:
+                self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
+                self.keys = self.buf_k[..., : self.used, :]
+                self.values = self.buf_v[..., : self.used, :]
+
+    return GrowingLayer
+
+
+_GROWING = _growing_layer_class()
+
+
 def cache_kwarg(model) -> str:
     """transformers 5.2x renames `past_key_values` to `cache`; 4.x knows only the old name."""
     fn = model.forward
@@ -59,6 +107,8 @@ class KVBatch:
         past = max(r.length for r in rows)
         width = max(len(c) for c in chunks)
         self.cache = DynamicCache()
+        if _GROWING is not None and hasattr(self.cache, "layer_class_to_replicate") and not self.cache.layers:
+            self.cache.layer_class_to_replicate = _GROWING
         if past:
             n_layers = max(len(r.layers) for r in rows if r.length)
             for li in range(n_layers):
