@@ -141,7 +141,7 @@ def committed_count(parts_dir: Path) -> int:
 
 
 def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, method: Method, ctx: Context,
-              fp: str, batch_size: int, on_batch: Optional[Callable[[int], None]] = None,
+              fp: str, batch_size: int, on_batch: Optional[Callable[[list[Result]], None]] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> bool:
     """Run what is left of one shard; returns True when the shard is complete."""
     final, done, parts_dir = result_paths(run_dir, index)
@@ -173,7 +173,7 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
         write_arrow(parts_dir / part_name(next_part, len(batch)), part)
         next_part += 1
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch([r for _, r in buffer])
         buffer.clear()
 
     for task, result in method.run(tasks(), ctx):
@@ -244,6 +244,59 @@ def pending_work(run_dir: Path, manifest: dict, fp: str, n: int,
     return left
 
 
+class Progress:
+    """One progress line: samples done, samples/s, ETA, running acceptance and FLOPs saved.
+
+    On a terminal it is a tqdm bar; otherwise (a SLURM log) the same line is logged every 30 s.
+    """
+
+    def __init__(self, total: int, name: str, enabled: bool = True, every_s: float = 30.0):
+        import sys
+
+        from tqdm import tqdm
+
+        self.total, self.name, self.every_s, self.enabled = total, name, every_s, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=name, unit="sample", mininterval=1.0, dynamic_ncols=True,
+                        disable=not self.tty)
+        self.done = self.decided = self.accepted = self.flops = self.target_only = 0
+        self.shard = ""
+        self.start = self.last_log = time.perf_counter()
+
+    def update(self, results: list[Result]) -> None:
+        self.done += len(results)
+        for r in results:
+            for s in r.steps:
+                if s.accepted is not None:
+                    self.decided += 1
+                    self.accepted += bool(s.accepted)
+            self.flops += r.ledger.flops
+            self.target_only += r.ledger.target_only_flops
+        line = self.describe()
+        if self.tty:
+            self.bar.set_postfix_str(line, refresh=False)
+            self.bar.update(len(results))
+        elif self.enabled and time.perf_counter() - self.last_log >= self.every_s:
+            self.last_log = time.perf_counter()
+            rate = self.done / max(self.last_log - self.start, 1e-9)
+            log.info("%s: %d/%d samples, %.2f samples/s, ETA %.0f s, %s", self.name, self.done, self.total,
+                     rate, (self.total - self.done) / rate if rate else float("inf"), line)
+
+    def describe(self) -> str:
+        parts = [self.shard]
+        if self.decided:
+            parts.append(f"accepted {self.accepted / self.decided:.0%}")
+        if self.target_only and self.flops:
+            parts.append(f"FLOPs {self.target_only / self.flops:.2f}x fewer than target")
+        return " ".join(p for p in parts if p)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     from .models import load_causal_lm
 
@@ -286,16 +339,13 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
              len(pending), len(list(indices)), left, run_dir / "results")
     ctx = Context(models=load_models(cfg, method.roles(cfg.method)), method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     complete = True
-    with tqdm(total=left, desc=f"{method.name}", unit="sample", disable=not cfg.run.progress,
-              mininterval=1.0, dynamic_ncols=True) as bar:
+    with Progress(left, method.name, cfg.run.progress) as progress:
         for i in pending:
-            bar.set_postfix_str(shard_name(i))
+            progress.shard = shard_name(i)
             if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,
-                             on_batch=bar.update, should_stop=should_stop):
+                             on_batch=progress.update, should_stop=should_stop):
                 complete = False
                 break
     report["seconds"] = time.perf_counter() - t0
