@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import re
@@ -379,6 +378,9 @@ def sbatch_parameters(cfg: DictConfig, job_name: str, gpus: bool = True) -> dict
         # Requeueable whatever the cluster's JobRequeue default: the checkpoint requeues itself.
         "additional_parameters": {"requeue": True, **to_container(lc.additional_parameters)},
     }
+    extra = params["additional_parameters"]
+    for key in [k for k, v in extra.items() if v is False or v is None]:  # `key: false` = leave out
+        del extra[key]
     if gpus and lc.gpus_per_task:
         params["gpus_per_task"] = int(lc.gpus_per_task)
     if lc.mem_gb:
@@ -463,7 +465,12 @@ def submit(cfg: DictConfig) -> dict:
     subs = load_submissions(folder)
     busy: dict[int, str] = {}
     if subs:
-        busy = _busy(subs, sacct(_all_job_ids(subs), since=min(s["submitted_at"] for s in subs)))
+        try:
+            view = sacct(_all_job_ids(subs), since=min(s["submitted_at"] for s in subs))
+        except LaunchError as e:
+            raise LaunchError(f"{e}; without it there is no knowing which shards of {run_dir} are "
+                              "still queued, so nothing is submitted (no shard runs twice).") from None
+        busy = _busy(subs, view)
     todo = [i for i in sorted(pending) if i not in busy]
     per = max(1, int(cfg.launcher.shards_per_task))
     groups = [todo[i:i + per] for i in range(0, len(todo), per)]
@@ -490,6 +497,9 @@ def submit(cfg: DictConfig) -> dict:
                                                  "timeout_min")}
     task = ShardTask(tcfg, str(sub_dir), limits)
     arrays = split_arrays(groups, max_array_size(), int(cfg.launcher.array_parallelism))
+    if len(arrays) > 10:
+        print(f"warning: {len(groups)} tasks need {len(arrays)} arrays; consider "
+              f"launcher.shards_per_task={per * 4} (fewer, longer tasks).", file=sys.stderr)
     job_name = f"rsd-{run_dir.name}"
     for chunk, throttle in arrays:
         ex = submitit.SlurmExecutor(folder=sub_dir, max_num_timeout=limits["max_timeouts"]
@@ -724,7 +734,7 @@ class ShardTask:
             state["requeued_by_slurm"] += restarts - counted
             state["preemptions"] += restarts - counted
         cfg = config_from_container(self.config)
-        from .runner import result_paths, committed_count, shards_dir  # noqa: F401
+        from .runner import committed_count, result_paths
 
         run_dir = Path(cfg.run.dir)
         committed = {}
@@ -810,6 +820,8 @@ class ShardTask:
         if ("SIGUSR2" in stop.signals or "watchdog" in stop.signals) and can_requeue:
             log.info("task %s: committed work is safe; checkpointing and requeueing", self._job_id)
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+            for t in watchdog:  # one armed during the wait above
+                t.cancel()
             submitit_handler(signal.SIGUSR2, None)  # -> self.checkpoint, scontrol requeue, exit
         state = self._load_state(shards)
         self._save_state(state, state="stopped",
@@ -903,6 +915,7 @@ def status(cfg: DictConfig) -> dict:
             except LaunchError as e:
                 sacct_error = str(e)
     tasks = _task_index(subs)
+    task_files: dict[Path, Optional[dict]] = {}
     rows = []
     for entry in manifest["shards"]:
         i = entry["index"]
@@ -921,11 +934,12 @@ def status(cfg: DictConfig) -> dict:
             row["job_id"] = task["job_id"]
             row["log"] = task.get("stderr")
             tpath = Path(task["folder"]) / "tasks" / f"{task['job_id']}.json"
-            if tpath.exists():
+            if tpath not in task_files:  # one file per task, however many shards it has
                 try:
-                    tstate = read_json(tpath)
+                    task_files[tpath] = read_json(tpath) if tpath.exists() else None
                 except (OSError, ValueError):
-                    tstate = None
+                    task_files[tpath] = None
+            tstate = task_files[tpath]
             if tstate:
                 for k in ("attempts", "timeouts", "preemptions"):
                     row[k] = tstate.get(k, 0)
@@ -1125,7 +1139,8 @@ def estimate_cost(cfg: DictConfig, roles: Iterable[str], manifest: dict, todo: l
     else:
         per_role = _estimate_from_max_tokens(cfg, roles, manifest, todo, samples)
         note = (f"estimated cost (no launcher.pilot): upper bound, every sample generating "
-                f"method.max_new_tokens={cfg.method.max_new_tokens} tokens after its prompt")
+                f"method.max_new_tokens={cfg.method.max_new_tokens} tokens after its prompt, once "
+                "per model (methods that write several candidates cost more: a pilot measures it)")
         source = "max_new_tokens"
     rows = [note, f"  {'role':<7} {'prefill tok':>14} {'decode tok':>14} {'FLOPs':>12}"
             + (f" {'seconds':>10}" if source == "pilot" else "")]

@@ -1,0 +1,163 @@
+"""Launchers without a cluster: the dry-run plan, the debug and local launchers, status of a run
+folder, merge refusing an incomplete run, and the pure helpers the SLURM path relies on."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from rsd_batch.launch import (log_error_line, parse_duration, parse_sacct, sbatch_script,
+                              split_arrays, status)
+from rsd_batch.problems import load_problems
+from rsd_batch.runner import run
+from rsd_batch.shards import write_shards
+
+from conftest import CLI, cli, make_config
+
+
+def shard_here(args: list[str]):
+    cfg = make_config(*args)
+    write_shards(load_problems(cfg.dataset), cfg.dataset, Path(cfg.run.dir))
+    return cfg
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tiny_run_args, tmp_path):
+    cfg = shard_here(tiny_run_args)
+    run(cfg, shard_indices=[0])  # one shard done already: the plan skips it
+    def files():  # Hydra's own logs (logs/hydra/) aside
+        return sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "logs" not in p.parts)
+    before = files()
+    out = cli("run", *tiny_run_args, "launcher=slurm", "run.dry_run=true").stdout
+    assert "dry run (nothing is submitted or written): launcher=slurm, method=target_only" in out
+    assert "shards: 2 to run (1-2), 1 done (skipped)" in out
+    assert "samples: 16 to run (method.n=1) of 24" in out
+    # No pilot: an upper bound from max_new_tokens (12 per sample), prompts tokenized for real.
+    assert "upper bound, every sample generating method.max_new_tokens=12" in out
+    target = next(ln for ln in out.splitlines() if ln.strip().startswith("target"))
+    prefill, decode, flops = target.split()[1:4]
+    assert int(decode.replace(",", "")) == 16 * 12 and int(prefill.replace(",", "")) > 16
+    assert float(flops) > 0
+    # The script submitit would submit: an array over 2 tasks, one GPU each, the warning signal.
+    assert "slurm: 2 tasks (1 shard each) in 1 array" in out
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-task=1", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --requeue", "#SBATCH --time=240", "-m submitit.core._submit"):
+        assert line in out, line
+    assert files() == before  # wrote nothing
+
+
+def test_dry_run_prices_samples_from_a_pilot(tiny_run_args, tmp_path):
+    pilot = tmp_path / "pilot"
+    args = [a for a in tiny_run_args if not a.startswith("run.dir")]
+    cli("main", *args, "dataset.limit=4", f"run.dir={pilot}")
+    summary = json.loads((pilot / "summary.json").read_text())
+    shard_here(tiny_run_args)
+    out = cli("run", *tiny_run_args, "run.dry_run=true", f"launcher.pilot={pilot}").stdout
+    assert f"estimated cost from the pilot {pilot / 'summary.json'} (4 samples, method target_only)" in out
+    target = next(ln for ln in out.splitlines() if ln.strip().startswith("target"))
+    decode = float(target.split()[2].replace(",", ""))
+    assert decode == pytest.approx(summary["roles"]["target"]["mean"]["decode_tokens"] * 24, abs=1)
+    assert "#SBATCH" not in out  # launcher=local: no script
+
+
+def test_debug_launcher_runs_in_process(tiny_run_args, tmp_path):
+    out = cli("main", *tiny_run_args, "launcher=debug").stdout
+    assert "3 shards run, 0 already done" in out and "24 samples of 24 problems" in out
+
+
+def test_status_of_a_run_folder_and_merge_naming_missing_shards(tiny_run_args, tmp_path):
+    cfg = shard_here(tiny_run_args)
+    run(cfg, shard_indices=[0])
+    polls = []
+    report = run(cfg, shard_indices=[1], should_stop=lambda: polls.append(1) or len(polls) > 3)
+    assert not report["complete"]  # a few samples committed, then stopped
+    rep = status(cfg)
+    states = {r["index"]: r["state"] for r in rep["shards"]}
+    assert states == {0: "done", 1: "partial", 2: "not submitted"}
+    k = rep["shards"][1]["samples"]
+    assert 0 < k < 8 and rep["shards"][0]["samples"] == 8 and rep["shards"][2]["samples"] == 0
+    assert rep["sacct_calls"] == 0  # never submitted: no scheduler to ask
+    out = cli("status", *tiny_run_args).stdout
+    assert f"3 shards, {8 + k}/24 samples committed · done 1, partial 1, not submitted 1" in out
+    assert "done: shards 0" in out
+    assert not list(Path(cfg.run.dir).glob("logs/hydra/*status*"))  # status writes nothing
+    merged = cli("merge", *tiny_run_args, check=False)
+    assert merged.returncode == 2 and "2 of 3 shards are not done (shards 1, 2)" in merged.stderr
+
+
+def test_local_launcher_stops_on_sigterm_after_a_committed_batch(tiny_run_args, tmp_path):
+    args = [a for a in tiny_run_args if not a.startswith(("run.batch_size", "method.max_new_tokens"))]
+    args += ["run.batch_size=1", "method.max_new_tokens=40"]
+    cfg = shard_here(args)
+    parts = Path(cfg.run.dir) / "results"
+    proc = subprocess.Popen([CLI, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while len(list(parts.glob("*.parts/part-*.arrow"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after the last committed batch" in err
+    committed = status(cfg)["samples"]
+    assert 2 <= committed < 24  # what was committed stays (resuming it is test_kill_resume's job)
+    assert not list(parts.glob("*.parts/*.tmp"))  # and nothing half-written
+
+
+def test_config_errors_fail_before_submitting(tiny_run_args, tmp_path):
+    shard_here(tiny_run_args)
+    gpu = cli("run", *tiny_run_args, "launcher=slurm_test", "model.target.device=cuda", check=False)
+    assert gpu.returncode == 2 and "launcher.gpus_per_task=0: the tasks would get no GPU" in gpu.stderr
+    missing = cli("run", *tiny_run_args, "launcher=slurm", "model.target.path=/nope/model", check=False)
+    assert missing.returncode == 2 and "model.target.path='/nope/model' does not exist" in missing.stderr
+    assert not (tmp_path / "run" / "slurm").exists()
+
+
+def test_cluster_preset_becomes_sbatch_lines(tmp_path):
+    cfg = make_config("launcher=example_a100", f"run.dir={tmp_path}", "launcher.mem_gb=80",
+                      "+launcher.additional_parameters.mail-type=FAIL")
+    script = sbatch_script(cfg, n_tasks=10, throttle=3, folder=tmp_path / "sub")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --qos=normal", "#SBATCH --constraint=a100",
+                 "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=80GB",
+                 "#SBATCH --time=720", "#SBATCH --array=0-9%3", "#SBATCH --mail-type=FAIL",
+                 "module load cuda/12.4"):
+        assert line in script, line
+    assert "--account" not in script  # null settings stay out
+
+
+def test_arrays_split_and_share_the_throttle():
+    groups = [[i] for i in range(10)]
+    assert [(len(c), t) for c, t in split_arrays(groups, 4, 64)] == [(4, 4), (4, 4), (2, 2)]
+    assert [(len(c), t) for c, t in split_arrays(groups, 4, 6)] == [(4, 2), (4, 2), (2, 2)]
+    assert [(len(c), t) for c, t in split_arrays(groups, None, 3)] == [(10, 3)]
+    assert [(len(c), t) for c, t in split_arrays(groups, 1001, 2)] == [(10, 2)]
+
+
+def test_sacct_output_is_read_with_array_ranges_and_duplicates():
+    text = "\n".join([
+        "12_0|COMPLETED|None|0:0|2030-01-01T10:00:00|2030-01-01T10:00:01|2030-01-01T10:01:00|n1",
+        "12_1|CANCELLED by 0|None|0:15|2030-01-01T10:00:00|2030-01-01T10:00:01|2030-01-01T10:00:30|n1",
+        "12_[2-4,7%2]|PENDING|JobArrayTaskLimit|0:0|2030-01-01T10:00:00|Unknown|Unknown|None assigned",
+        "13|RUNNING|None|0:0|2020-01-01T10:00:00|2020-01-01T10:00:01|Unknown|n1",
+        "13|PENDING|Dependency|0:0|2030-01-01T10:00:00|Unknown|Unknown|None assigned",  # id reused
+        "13.batch|RUNNING||0:0|||Unknown|n1",
+    ])
+    view = parse_sacct(text)
+    assert sorted(view) == ["12_0", "12_1", "12_2", "12_3", "12_4", "12_7", "13"]
+    assert view["12_1"]["state"] == "CANCELLED" and view["12_3"]["reason"] == "JobArrayTaskLimit"
+    assert view["13"]["state"] == "PENDING"  # the later submission wins
+
+
+def test_small_parsers():
+    assert parse_duration("1-02:03:04") == 93784 and parse_duration("05:00") == 300
+    assert parse_duration("UNLIMITED") is None
+    err = ("Traceback (most recent call last):\n  File \"x\", line 1\n"
+           "rsd_batch.models.ModelLoadError: model.target.path='/m' could not be loaded: no config\n"
+           "srun: error: localhost: task 0: Exited with exit code 1\n")
+    assert log_error_line(err).startswith("rsd_batch.models.ModelLoadError: model.target.path")
+    limit = "slurmstepd-n1: error: *** JOB 5 ON n1 CANCELLED AT 2030-01-01 DUE TO TIME LIMIT ***\n"
+    assert "DUE TO TIME LIMIT" in log_error_line(limit)
