@@ -43,13 +43,15 @@ class PolicySpec:
     intermediate_size: int = 192
     num_heads: int = 4
     num_kv_heads: int = 4
-    steps: int = 4000
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.0
     seed: int = 0
-    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio (1.0 = constant after warmup)
+    continue_steps: int = 0  # optional second phase: reload the saved folder, train this many more steps
+    continue_lr: float = 3e-4  # constant LR of the second phase (after a short warmup)
+    lr_min_ratio: float = 1.0  # cosine decay from lr to lr * lr_min_ratio (1.0 = constant after warmup)
     eval_every: int = 0  # log greedy accuracy on the first eval_problems held-out problems (0 = off)
     eval_problems: int = 100
     bf16_autocast: bool = False  # CPU bf16 autocast for forward/backward (fp32 master weights)
@@ -58,20 +60,21 @@ class PolicySpec:
 
 @dataclass
 class PRMSpec:
-    steps: int = 400
-    batch_size: int = 16
-    lr: float = 5e-4
-    warmup: int = 40
+    init_from: str = "draft"  # draft | target: which trained policy the PRM starts from
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
     weight_decay: float = 0.0
-    n_rollout_problems: int = 3000  # draft rollouts (on-policy samples) for training
+    n_rollout_problems: int = 6000  # draft rollouts (on-policy samples) for training
     rollout_temperature: float = 0.7
     rollouts_per_problem: int = 1
-    n_perturbed: int = 3000  # reference solutions with one corrupted step
-    n_clean: int = 400  # untouched reference solutions
+    n_perturbed: int = 6000  # reference solutions with one corrupted step
+    n_clean: int = 1000  # untouched reference solutions
     p_continue: float = 0.5
     seed: int = 0
-    bf16_autocast: bool = True
-    save_dtype: str = "bfloat16"
+    bf16_autocast: bool = False
+    save_dtype: str = "float32"
 
 
 @dataclass
@@ -96,7 +99,8 @@ class ToyTrainConfig:
     draft: PolicySpec = field(default_factory=PolicySpec)
     target: PolicySpec = field(default_factory=lambda: PolicySpec(
         num_layers=4, hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=8, steps=1000,
-        batch_size=16, lr=2e-3, bf16_autocast=True, save_dtype="bfloat16"))
+        batch_size=16, lr=2e-3, lr_min_ratio=0.1, continue_steps=500, continue_lr=1e-3, bf16_autocast=True,
+        save_dtype="bfloat16"))
     prm: PRMSpec = field(default_factory=PRMSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     log_every: int = 100
@@ -200,6 +204,35 @@ def stage_policy(cfg: ToyTrainConfig, role: str) -> dict:
               "problem_config": pcfg.to_dict(), "learning_curve": curve}
     _write_report(out, report)
     _log(f"{role}: trained in {info['minutes']:.1f} min, saved to {out}")
+    if spec.continue_steps:
+        report = stage_policy_continue(cfg, role)
+    return report
+
+
+def stage_policy_continue(cfg: ToyTrainConfig, role: str) -> dict:
+    """Second phase: reload the saved folder (as a user would), train ``continue_steps`` more steps at a
+    constant ``continue_lr`` on the next problems of the same stream, save over it."""
+    spec: PolicySpec = getattr(cfg, role)
+    pcfg = _problem_cfg(cfg)
+    out = Path(cfg.out_dir) / role
+    tok = _load_tokenizer(cfg)
+    exclude = {p.text for p in _held_out(cfg)}
+    model = _load_causal_lm(out).train()
+    report = json.loads((out / "train_report.json").read_text())
+    batcher = PolicyBatcher(tok, _stream_fn(pcfg, cfg.seed, "train", exclude), spec.batch_size)
+    batcher.next_index = report["train_steps"] * spec.batch_size
+    _log(f"{role}: second phase, {spec.continue_steps} steps at lr {spec.continue_lr}")
+    info = train_loop(model, batcher, lm_loss, spec.continue_steps, spec.continue_lr, warmup=20,
+                      weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
+                      bf16_autocast=spec.bf16_autocast, lr_min_ratio=1.0)
+    save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
+    report["train_steps"] += info["steps"]
+    report["train_minutes"] = round(report["train_minutes"] + info["minutes"], 2)
+    report["train_examples"] = report["train_steps"] * spec.batch_size
+    report["second_phase"] = {"steps": info["steps"], "lr": spec.continue_lr, "minutes": round(info["minutes"], 2),
+                              "final_train_loss": info["final_loss"]}
+    _write_report(out, report)
+    _log(f"{role}: second phase done in {info['minutes']:.1f} min")
     return report
 
 
@@ -282,7 +315,7 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     t0 = time.time()
     tok = _load_tokenizer(cfg)
     draft = _load_causal_lm(Path(cfg.out_dir) / "draft")
-    model = _load_causal_lm(Path(cfg.out_dir) / "target")  # PRM initialised from the trained target
+    model = _load_causal_lm(Path(cfg.out_dir) / spec.init_from)  # PRM starts from a trained policy
     prm = MathShepherdPRM(model, tok)
     examples = prm_training_examples(cfg, tok, draft)
     n_steps = sum(len(e[2]) for e in examples)
@@ -302,7 +335,7 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
                       bf16_autocast=spec.bf16_autocast)
     out = Path(cfg.out_dir) / "prm"
     save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
-    report = {"role": "prm", "format": "math_shepherd", "initialised_from": "target",
+    report = {"role": "prm", "format": "math_shepherd", "initialised_from": spec.init_from,
               "parameters": count_parameters(model), "config": asdict(spec) if not isinstance(spec, dict) else spec,
               "train_steps": info["steps"], "train_minutes": round(info["minutes"] + data_min, 2),
               "data_minutes": round(data_min, 2), "final_train_loss": info["final_loss"],
@@ -395,6 +428,8 @@ def run(cfg: ToyTrainConfig) -> dict:
             stage_data(cfg)
         elif stage in ("draft", "target"):
             stage_policy(cfg, stage)
+        elif stage in ("draft_continue", "target_continue"):
+            stage_policy_continue(cfg, stage.split("_")[0])
         elif stage == "prm":
             stage_prm(cfg)
         elif stage == "eval":
