@@ -62,7 +62,7 @@ def toy_problems(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_run_args(tiny_models, toy_problems, tmp_path) -> list[str]:
     """Overrides for a fast end-to-end run on the tiny models (short outputs, small shards)."""
-    return [f"dataset.source={toy_problems}", "dataset.shard_size=8",
+    return [f"dataset.source={toy_problems}", "dataset.shard_size=8", "method=target_only",
             f"model.draft.path={tiny_models['draft']}", f"model.target.path={tiny_models['target']}",
             f"prm.path={tiny_models['prm']}",
             "method.max_new_tokens=12", "run.batch_size=4", "run.progress=false",

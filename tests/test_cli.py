@@ -37,7 +37,7 @@ def test_config_errors_fail_before_anything_runs(tmp_path):
 def test_cfg_job_prints_the_resolved_config():
     out = cli("run", "run.batch_size=7", "--cfg", "job", "--resolve").stdout
     assert "batch_size: 7" in out and "name: toy_arith" in out
-    assert "dir: runs/toy_arith-target_only" in out and "${" not in out
+    assert "dir: runs/toy_arith-rsd" in out and "${" not in out
     assert f"path: {ROOT}/models/toy/target" in out
 
 
