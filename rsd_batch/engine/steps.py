@@ -125,14 +125,11 @@ class StepStopper:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokens_with_any_cached(tokenizer_key: int, tokenizer, chars: frozenset) -> frozenset:
+def _tokens_with_any(tokenizer, chars: frozenset) -> frozenset:
+    """Ids whose text holds one of `chars` (once per tokenizer: decoding a vocabulary takes a moment)."""
     ids = range(len(tokenizer))
     texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
     return frozenset(i for i, t in zip(ids, texts) if any(c in t for c in chars))
-
-
-def _tokens_with_any(tokenizer, chars: frozenset) -> frozenset:
-    return _tokens_with_any_cached(id(tokenizer), tokenizer, chars)
 
 
 def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, logits_to_keep: int = 1):
