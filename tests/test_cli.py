@@ -53,7 +53,7 @@ def test_user_errors_are_one_message_not_a_traceback(tiny_run_args, tmp_path):
 
 
 def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):
-    args = [a for a in tiny_run_args if not a.startswith("run.dir")]
+    args = [a for a in tiny_run_args if not a.startswith(("run.dir", "method="))]  # the sweep sets it
     proc = cli("main", "-m", "method=target_only,draft_only", *args,
                f"run.dir={tmp_path}/sweep/" + "${method.name}")
     for m in ("target_only", "draft_only"):
