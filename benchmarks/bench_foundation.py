@@ -137,7 +137,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n| step | rows | seconds | rows/s | goal (s) | met |\n|---|---:|---:|---:|---:|:-:|")
+    print("\n| step | rows | seconds | rows/s | goal (s) | met |\n|---|---:|---:|---:|---:|:-:|")
     for name, rows, secs, goal in timings:
         print(f"| {name} | {rows:,} | {secs:.2f} | {rows / secs:,.0f} | {goal:g} | "
               f"{'yes' if secs <= goal else 'NO'} |")

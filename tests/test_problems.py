@@ -10,7 +10,7 @@ import pytest
 from rsd_batch.problems import ProblemSetError, load_problems
 from rsd_batch.shards import read_manifest, write_shards
 
-from conftest import SHARED_DATA, make_config
+from conftest import make_config
 
 REAL_SETS = {  # preset -> (rows, rows whose gold answer can be read)
     "math500": (500, 500),

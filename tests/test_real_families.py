@@ -2,8 +2,6 @@
 presets, the memory plan on the real Qwen2.5-Math shapes."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from rsd_batch.models import ModelLoadError, check_memory, memory_plan, render_prompt

@@ -36,7 +36,6 @@ def load_prm(cfg):
         raise ModelLoadError(f"prm.path={cfg.path!r} could not be loaded: {first}. Give a local folder "
                              "written by save_pretrained, or a hub id on a machine that reaches the hub.") from None
     prm.role = "prm"
-    prm.cost = CostModel.from_model(prm.model) if hasattr(prm.model, "get_output_embeddings") \
-        else CostModel.from_model(prm.model)
+    prm.cost = CostModel.from_model(prm.model)
     prm.device = torch.device(cfg.device)
     return prm

@@ -77,7 +77,6 @@ def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
 
 def perturbed_solution(problem: Problem, rng: random.Random, p_continue: float = 0.5) -> tuple[list[str], list[bool]]:
     """Steps of a reference solution with one corrupted step, and their local-correctness labels."""
-    vals = problem.values
     n_ops = len(problem.ops)
     j = rng.randint(0, n_ops + 1)  # which step to corrupt
     steps: list[str] = []
