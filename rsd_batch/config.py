@@ -46,6 +46,9 @@ class FieldsConfig:
     problem: str = "problem"
     answer: Optional[str] = "answer"  # null: no gold answer
     id: Optional[str] = None  # null: id = hash of the problem text
+    # The reference solution's column, if any (kept in metadata). Only the grading self-check reads
+    # it: each reference, graded like a model output, must match its own gold answer.
+    solution: Optional[str] = None
     metadata: Optional[list[str]] = None  # null: keep every other column; []: keep none
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 from .config import AnswerFormat
 
 _GSM8K = re.compile(r"####\s*(.+?)\s*$", re.S)
+_PERCENT = re.compile(r"\s*(\\?%|\\text\{\s*\\?%\s*\}|\\percent)\s*$")
 
 
 def last_boxed(text: Optional[str]) -> Optional[str]:
@@ -50,6 +51,16 @@ def extract_answer(output: str) -> Optional[str]:
     return last_boxed(output)
 
 
+def reference_answer(solution: Optional[str], fmt: AnswerFormat) -> Optional[str]:
+    """The final answer a dataset's reference solution states, read as a model output would be
+    (GSM8K rationales state theirs after ``####``); None if it states none (e.g. a prose proof)."""
+    if not solution:
+        return None
+    if fmt == AnswerFormat.gsm8k:
+        return gold_answer(solution, fmt)
+    return extract_answer(solution)
+
+
 def _as_math(text: str) -> str:
     text = text.strip()
     if text.startswith("$") and text.endswith("$"):
@@ -67,6 +78,12 @@ def is_correct(prediction: Optional[str], gold: Optional[str]) -> Optional[bool]
         return True
     from math_verify import parse, verify
     try:
-        return bool(verify(parse(_as_math(gold)), parse(_as_math(prediction))))
+        if verify(parse(_as_math(gold)), parse(_as_math(prediction))):
+            return True
+        # A percent sign is a unit when the gold has none (OlympiadBench keeps units apart: "4.2"
+        # with unit "%"); math-verify would read "4.2\%" as 0.042.
+        bare = _PERCENT.sub("", prediction)
+        return bare != prediction and "%" not in gold and bool(verify(parse(_as_math(gold)),
+                                                                       parse(_as_math(bare))))
     except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, not a crash
         return False

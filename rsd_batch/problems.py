@@ -333,6 +333,10 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
             answer = pa.array([gold_answer(a, cfg.answer_format) for a in answer.to_pylist()],
                               pa.string())
             keep_raw_answer = True
+        else:
+            # An empty gold is no gold (GaoKao-2023-En has two): the row is run but not graded.
+            answer = pc.if_else(pc.equal(pc.utf8_trim_whitespace(answer), ""), pa.scalar(None, pa.string()),
+                                answer)
         out["answer"] = answer
     else:
         out["answer"] = pa.nulls(len(table), pa.string())
