@@ -18,17 +18,20 @@ log = logging.getLogger("rsd_batch")
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        from .calibrate import CalibrateError
+        from .export import ExportError
         from .launch import LaunchError
         from .merge import MergeError
         from .models import ModelLoadError
         from .problems import ProblemSetError
+        from .report import ReportError
         from .runner import RunConfigMismatch
         from .shards import ShardError
 
         try:
             return fn(cfg)
         except (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError,
-                LaunchError) as e:
+                LaunchError, ReportError, ExportError, CalibrateError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
@@ -83,6 +86,38 @@ def merge(cfg: DictConfig) -> dict:
     print(format_summary(summary))
     print(f"merged dataset: {summary['dataset']}\nsummary: {Path(cfg.run.dir) / 'summary.json'}")
     return summary
+
+
+@user_errors
+def report(cfg: DictConfig) -> dict:
+    from .report import build_report, format_markdown
+
+    rep = build_report(Path(cfg.dir), Path(cfg.out) if cfg.out else None)
+    print(format_markdown(rep))
+    print("\n".join(f"{k}: {v}" for k, v in rep["files"].items()))
+    return rep
+
+
+@user_errors
+def calibrate(cfg: DictConfig) -> dict:
+    from .calibrate import calibrate as run_calibration, format_calibration
+
+    result = run_calibration(cfg)
+    print(format_calibration(result))
+    return result
+
+
+@user_errors
+def export(cfg: DictConfig) -> dict:
+    from .export import export_run
+
+    rep = export_run(cfg)
+    print(f"exported {rep['rows']} of {rep['kept_after_each_filter']['merged samples']} samples "
+          f"({cfg.layout} layout) from {rep['source_run']}")
+    for name, left in rep["kept_after_each_filter"].items():
+        print(f"  {name:<40} {left:>8}")
+    print(f"dataset: {rep['path']}\nload it with datasets.load_dataset({str(Path(rep['path']).parents[1])!r})")
+    return rep
 
 
 def main(cfg: DictConfig) -> dict:

@@ -12,8 +12,22 @@ JOBS = {
     "merge": "check coverage, merge a run into one dataset, print its summary",
     "main": "shard -> run -> merge in one go (the README's demo)",
     "status": "per-shard state of a run folder (and of its SLURM jobs)",
+    "report": "one table + accuracy-vs-FLOPs plot for every run folder under a sweep folder",
+    "calibrate": "bisect the RSD threshold δ on a pilot to meet a FLOPs budget or acceptance rate",
+    "export": "a merged run as a Hugging Face dataset (SFT messages or step-labelled PRM data)",
     "train-toy": "retrain the embedded toy world (tokenizer, draft, target, PRM)",
 }
+# `rsd-batch report runs/sweep` reads better than `dir=runs/sweep`: a leading path is that key.
+POSITIONAL = {"report": "dir", "export": "run_dir"}
+
+
+def read_only_job() -> None:
+    """For jobs that only read a run (status) or write their own files (report, export): no Hydra
+    output folder, log file or .hydra copy in the working directory or the run folder."""
+    for arg in ("hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                "hydra.run.dir=."):
+        if not any(a.split("=")[0] == arg.split("=")[0] for a in sys.argv[1:]):
+            sys.argv.append(arg)
 
 
 def main() -> None:
@@ -30,5 +44,8 @@ def main() -> None:
     if not path.exists():
         sys.exit(f"error: {path} is missing; rsd_batch must be installed from its checkout "
                  "(pip install -e .), since jobs/ and conf/ live there.")
-    sys.argv = [str(path)] + sys.argv[2:]
+    args = sys.argv[2:]
+    if job in POSITIONAL and args and "=" not in args[0] and not args[0].startswith("-"):
+        args[0] = f"{POSITIONAL[job]}={args[0]}"
+    sys.argv = [str(path)] + args
     runpy.run_path(str(path), run_name="__main__")

@@ -208,7 +208,27 @@ class RunConfig:
     seed: int = 0
     fresh: bool = False  # discard results written under another config
     progress: bool = True
+    progress_every_s: float = 30.0  # off a terminal (a SLURM log): log the progress line this often
     dry_run: bool = False  # print the plan (shards, samples, estimated cost), submit nothing
+
+
+class CalibrateGoal(Choice):
+    flops = "flops"  # RSD's FLOPs per sample at most `flops_ratio` x target-only's
+    acceptance = "acceptance"  # at least `acceptance` of the draft's steps kept
+
+
+@dataclass
+class CalibrateConfig:
+    """`rsd-batch calibrate`: bisect δ (method.threshold) on a pilot until the goal is met."""
+
+    goal: CalibrateGoal = CalibrateGoal.flops
+    flops_ratio: float = 0.5  # goal=flops: spend at most this share of what the target alone would
+    acceptance: float = 0.8  # goal=acceptance: keep at least this share of the draft's steps
+    pilot: int = 64  # the first N problems of the dataset
+    low: float = 0.0  # the δ interval searched
+    high: float = 1.0
+    iterations: int = 6  # pilot runs after the two ends: the interval shrinks to (high-low)/2^iterations
+    dir: Optional[str] = None  # pilot runs live here; null: <run.dir>/calibrate
 
 
 @dataclass
@@ -220,6 +240,37 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+
+
+@dataclass
+class ReportConfig:
+    """`rsd-batch report <dir>`: every run folder under `dir` is one point of the report."""
+
+    dir: str = MISSING
+    out: Optional[str] = None  # where report.md, report.json and frontier.png go; null: dir
+
+
+class ExportLayout(Choice):
+    sft = "sft"  # chat `messages` (system?, user, assistant) for supervised fine-tuning
+    prm = "prm"  # step-labelled: prompt, completions (steps), labels, rewards, sources
+
+
+@dataclass
+class ExportConfig:
+    """`rsd-batch export <run dir>`: a merged run as a Hugging Face dataset (Parquet), filtered."""
+
+    run_dir: str = MISSING
+    out: Optional[str] = None  # null: <run_dir>/export/<layout>
+    layout: ExportLayout = ExportLayout.sft
+    split: str = "train"
+    correct_only: bool = False  # keep graded-correct samples only
+    min_step_reward: Optional[float] = None  # every PRM-scored kept step at least this reward
+    min_draft_share: Optional[float] = None  # share of the kept steps written by the draft
+    max_draft_share: Optional[float] = None
+    finish_reasons: Optional[list[str]] = None  # e.g. [eos]: drop samples cut off by length
+    label_threshold: float = 0.5  # prm layout: label = reward >= this (null where unscored)
+    fresh: bool = False  # replace an existing export at `out`
 
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, jobs/, models/, data/
@@ -228,6 +279,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, jobs/, models
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="report_schema", node=ReportConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     # `${rsd_root:}` in conf/ points at the checkout, so presets work from any working directory.
     if not OmegaConf.has_resolver("rsd_root"):
         OmegaConf.register_new_resolver("rsd_root", lambda: str(ROOT))

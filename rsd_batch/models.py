@@ -107,14 +107,18 @@ def _load_hint(key: str, path: str, err: Exception) -> str:
             "(HF_HUB_OFFLINE=1 uses only the local cache).")
 
 
+def prompt_messages(problem: str, cfg: PromptConfig) -> list[dict]:
+    """The chat turns a problem becomes: the system prompt (if any) and the template as the user turn."""
+    return ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
+        [{"role": "user", "content": cfg.template.replace("{problem}", problem)}]
+
+
 def render_prompt(tokenizer, problem: str, cfg: PromptConfig) -> str:
-    """The policy prompt: the template as the user turn, through the chat template when there is one."""
-    user = cfg.template.replace("{problem}", problem)
+    """The policy prompt: the chat turns through the chat template when there is one, else plain text."""
+    messages = prompt_messages(problem, cfg)
     if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
-            [{"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (cfg.system + "\n\n" + user) if cfg.system else user
+    return "\n\n".join(m["content"] for m in messages)
 
 
 # ---------------------------------------------------------------- memory plan

@@ -277,10 +277,13 @@ class Progress:
             self.bar.set_postfix_str(line, refresh=False)
             self.bar.update(len(results))
         elif self.enabled and time.perf_counter() - self.last_log >= self.every_s:
-            self.last_log = time.perf_counter()
-            rate = self.done / max(self.last_log - self.start, 1e-9)
-            log.info("%s: %d/%d samples, %.2f samples/s, ETA %.0f s, %s", self.name, self.done, self.total,
-                     rate, (self.total - self.done) / rate if rate else float("inf"), line)
+            self._log(line)
+
+    def _log(self, line: str) -> None:
+        self.last_log = time.perf_counter()
+        rate = self.done / max(self.last_log - self.start, 1e-9)
+        log.info("%s: %d/%d samples, %.2f samples/s, ETA %.0f s, %s", self.name, self.done, self.total,
+                 rate, (self.total - self.done) / rate if rate else float("inf"), line)
 
     def describe(self) -> str:
         parts = [self.shard]
@@ -294,6 +297,8 @@ class Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.enabled and not self.tty and self.done:
+            self._log(self.describe())  # the final tally, however short the run
         self.bar.close()
 
 
@@ -311,11 +316,12 @@ def load_models(cfg: Config, roles: Iterable[str]) -> dict:
 
 
 def run(cfg: Config, shard_indices: Optional[list[int]] = None,
-        should_stop: Optional[Callable[[], bool]] = None) -> dict:
+        should_stop: Optional[Callable[[], bool]] = None, models: Optional[dict] = None) -> dict:
     """Run every pending shard (or the given ones) in this process. Returns a small report.
 
     `should_stop` is polled between batches (a launcher's preemption flag): when it turns true the
-    run stops after the last committed batch and the report's "complete" is False.
+    run stops after the last committed batch and the report's "complete" is False. `models` (role ->
+    loaded model) lets a caller that runs several configs of the same models load them once.
     """
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
@@ -337,11 +343,14 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     left = sum(left_by_shard.values())
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
-    ctx = Context(models=load_models(cfg, method.roles(cfg.method)), method=cfg.method, prompt=cfg.prompt,
+    roles = method.roles(cfg.method)
+    if models is None or not set(roles) <= set(models):
+        models = load_models(cfg, roles)
+    ctx = Context(models={r: models[r] for r in roles}, method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     t0 = time.perf_counter()
     complete = True
-    with Progress(left, method.name, cfg.run.progress) as progress:
+    with Progress(left, method.name, cfg.run.progress, cfg.run.progress_every_s) as progress:
         for i in pending:
             progress.shard = shard_name(i)
             if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,

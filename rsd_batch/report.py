@@ -1,0 +1,257 @@
+"""A sweep's report: every run folder under one root, as one table and one accuracy-vs-FLOPs plot.
+
+    rsd-batch report runs/toy-sweep      ->  runs/toy-sweep/report.{md,json} and frontier.png
+
+A run folder is any folder holding a run.json. One that finished but was not merged yet is merged
+here (merge_run proves coverage first); one with shards still pending is listed as incomplete and
+left out of the table, never half counted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from .files import atomic_path, read_json, write_json
+from .ledger import ROLES
+from .runner import RUN_FILE
+
+log = logging.getLogger(__name__)
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy (sane at 0%, 100% and small n, unlike p ± 2σ)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def method_label(method: dict) -> str:
+    """What a reader needs to tell two points apart: the method and its deciding knob."""
+    name = method["name"]
+    if name == "rsd":
+        w = method["weighting"]
+        if w == "binary":
+            return f"rsd δ={method['threshold']:g}"
+        if w == "constant":
+            return f"rsd constant p={method['constant']:g}"
+        if w == "sigmoid":
+            return f"rsd sigmoid δ={method['threshold']:g} τ={method['sigmoid_tau']:g}"
+        return f"rsd {w} δ={method['threshold']:g}"
+    if name == "best_of_n":
+        return f"best_of_n N={method['candidates']}"
+    if name == "beam_search":
+        return f"beam_search N={method['candidates']} w={method['beam_width']}"
+    if name == "sd":
+        return f"sd k={method['speculative_tokens']}"
+    return name
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).rglob(RUN_FILE)
+                  if "logs" not in p.parent.relative_to(root).parts)
+
+
+def load_point(run_dir: Path) -> dict:
+    """One row of the report from a run folder (merging it first if it is done but unmerged)."""
+    from .merge import MergeError, merge_run
+
+    info = read_json(run_dir / RUN_FILE)
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else None
+    if summary is None or summary.get("fingerprint") != info["fingerprint"]:
+        try:
+            summary = merge_run(run_dir)
+        except MergeError as e:
+            return {"run_dir": str(run_dir), "incomplete": str(e)}
+    identity = info["identity"]
+    n = summary["samples"]
+    lo, hi = wilson_interval(summary["correct"], summary["graded"])
+    roles = summary["roles"]
+    return {
+        "run_dir": str(run_dir),
+        "label": method_label(identity["method"]),
+        "method": identity["method"]["name"],
+        "dataset": info["config"]["dataset"]["name"],
+        "fingerprint": info["fingerprint"],
+        "identity": identity,
+        "samples": n,
+        "graded": summary["graded"],
+        "correct": summary["correct"],
+        "accuracy": summary["accuracy"],
+        "accuracy_ci95": [lo, hi] if summary["graded"] else None,
+        "flops_per_sample": {r: roles[r]["mean"]["flops"] for r in ROLES} | {"total": summary["flops"]["mean"]},
+        "generated_tokens_per_sample": {r: roles[r]["mean"]["generated_tokens"] for r in ROLES},
+        "flops_vs_target_only": summary.get("flops_vs_target_only"),
+        "model_seconds": sum(roles[r]["total"]["seconds"] for r in ROLES),
+        "model_seconds_per_sample": sum(roles[r]["mean"]["seconds"] for r in ROLES),
+        "latency_seconds_mean": summary.get("latency_seconds_mean"),
+        "acceptance_steps": (summary.get("acceptance") or {}).get("steps"),
+        "finish_reasons": summary["finish_reasons"],
+    }
+
+
+def _disambiguate(points: list[dict]) -> None:
+    """Points with the same label differ elsewhere (temperature, models, prompt): say where."""
+    by_label: dict[str, list[dict]] = {}
+    for p in points:
+        by_label.setdefault(p["label"], []).append(p)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        flats = [_flat(p["identity"]) for p in same]
+        keys = sorted(k for k in set().union(*flats) if k != "shards"
+                      and len({repr(f.get(k)) for f in flats}) > 1)
+        for p, f in zip(same, flats):
+            extra = ", ".join(f"{k.split('.', 1)[-1] if k.startswith('method.') else k}={f.get(k)}"
+                              for k in keys[:3])
+            p["label"] = f"{p['label']} ({extra or Path(p['run_dir']).name})"
+
+
+def _compare_to_target_only(points: list[dict]) -> None:
+    """Against a measured target_only run of the same dataset in the sweep, when there is one: the
+    honest baseline (the ledger's target-only figure is an estimate from RSD's own output lengths)."""
+    for p in points:
+        ref = next((q for q in points if q["method"] == "target_only" and q["dataset"] == p["dataset"]), None)
+        p["vs_target_only_run"] = None if ref is None else {
+            "run": ref["label"],
+            "flops_ratio": ref["flops_per_sample"]["total"] / p["flops_per_sample"]["total"]
+            if p["flops_per_sample"]["total"] else None,
+            "accuracy_delta": None if p["accuracy"] is None or ref["accuracy"] is None
+            else p["accuracy"] - ref["accuracy"]}
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """Points no other point beats on both cost and accuracy, by increasing cost."""
+    graded = sorted((p for p in points if p["accuracy"] is not None),
+                    key=lambda p: (p["flops_per_sample"]["total"], -p["accuracy"]))
+    front, best = [], -1.0
+    for p in graded:
+        if p["accuracy"] > best:
+            front.append(p)
+            best = p["accuracy"]
+    return front
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
+def format_markdown(report: dict) -> str:
+    pts = report["points"]
+    lines = [f"# Sweep report: {report['root']}", "",
+             f"{len(pts)} runs · dataset {', '.join(sorted({p['dataset'] for p in pts}))} · "
+             "FLOPs are per sample (Kaplan 2N per token, see rsd_batch/ledger.py); 95% Wilson intervals.", ""]
+    head = ["run", "accuracy", "95% CI", "FLOPs/sample", "draft", "target", "prm",
+            "FLOPs vs target_only run", "Δ accuracy", "vs target alone (ledger est.)",
+            "model s/sample", "draft steps accepted", "finish reasons", "samples"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---:"]) + "|"]
+    front = {p["run_dir"] for p in pareto_front(pts)}
+    for p in pts:
+        f = p["flops_per_sample"]
+        ci = p["accuracy_ci95"]
+        ratio = p["flops_vs_target_only"]
+        vs = p.get("vs_target_only_run") or {}
+        lines.append("| " + " | ".join([
+            p["label"] + (" ★" if p["run_dir"] in front else ""),
+            _pct(p["accuracy"]),
+            f"{ci[0]:.1%}–{ci[1]:.1%}" if ci else "",
+            f"{f['total']:.3g}", f"{f['draft']:.3g}", f"{f['target']:.3g}", f"{f['prm']:.3g}",
+            f"{vs['flops_ratio']:.2f}× fewer" if vs.get("flops_ratio") else "",
+            f"{100 * vs['accuracy_delta']:+.1f} pt" if vs.get("accuracy_delta") is not None else "",
+            f"{ratio:.2f}× fewer" if ratio else "",
+            f"{p['model_seconds_per_sample']:.3f}",
+            _pct(p["acceptance_steps"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(p["finish_reasons"].items())),
+            str(p["samples"]),
+        ]) + " |")
+    lines += ["", "★ on the accuracy-vs-FLOPs frontier (no other run is both cheaper and more accurate)."]
+    if report["incomplete"]:
+        lines += ["", "Not included (not finished):", ""]
+        lines += [f"- `{i['run_dir']}`: {i['incomplete']}" for i in report["incomplete"]]
+    lines += ["", "Run folders:", ""] + [f"- {p['label']}: `{p['run_dir']}`" for p in pts]
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in report["points"] if p["accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=150)
+    colours = {"rsd": "tab:blue", "target_only": "tab:red", "draft_only": "tab:green", "sd": "tab:purple",
+               "best_of_n": "tab:orange", "beam_search": "tab:brown"}
+    for method in sorted({p["method"] for p in pts}):
+        group = [p for p in pts if p["method"] == method]
+        x = [p["flops_per_sample"]["total"] for p in group]
+        y = [100 * p["accuracy"] for p in group]
+        err = [[100 * (p["accuracy"] - p["accuracy_ci95"][0]) for p in group],
+               [100 * (p["accuracy_ci95"][1] - p["accuracy"]) for p in group]]
+        ax.errorbar(x, y, yerr=err, fmt="o", ms=6, capsize=3, color=colours.get(method, "tab:gray"),
+                    label=method, zorder=3)
+    front = pareto_front(pts)
+    ax.plot([p["flops_per_sample"]["total"] for p in front], [100 * p["accuracy"] for p in front],
+            "--", color="0.5", lw=1, zorder=2, label="frontier")
+    for p in pts:
+        ax.annotate(p["label"], (p["flops_per_sample"]["total"], 100 * p["accuracy"]),
+                    textcoords="offset points", xytext=(6, 5), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per sample (all models)")
+    ax.set_ylabel("accuracy (%)")
+    datasets = ", ".join(sorted({p["dataset"] for p in pts}))
+    ax.set_title(f"Accuracy vs compute · {datasets} · {len(pts)} runs", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def build_report(root: Path, out: Path | None = None) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a folder; give the folder that holds the sweep's run folders.")
+    runs = find_runs(root)
+    if not runs:
+        raise ReportError(f"no run folders (a folder with {RUN_FILE}) under {root}; run the sweep first, e.g. "
+                          f"`rsd-batch main -m method.threshold=0.5,0.7 'run.dir={root}/rsd-"
+                          "${method.threshold}'`.")
+    loaded = [load_point(r) for r in runs]
+    points = [p for p in loaded if "incomplete" not in p]
+    incomplete = [p for p in loaded if "incomplete" in p]
+    if not points:
+        raise ReportError(f"none of the {len(runs)} runs under {root} is finished: "
+                          + "; ".join(i["incomplete"] for i in incomplete[:3]))
+    _disambiguate(points)
+    _compare_to_target_only(points)
+    points.sort(key=lambda p: (p["flops_per_sample"]["total"], p["label"]))
+    report = {"root": str(root), "points": points, "incomplete": incomplete,
+              "frontier": [p["label"] for p in pareto_front(points)]}
+    out = Path(out) if out else root
+    files = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "frontier.png"}
+    report["files"] = {k: str(v) for k, v in files.items()}
+    with atomic_path(files["markdown"]) as tmp:
+        tmp.write_text(format_markdown(report))
+    write_json(files["json"], report)
+    plot_frontier(report, files["plot"])
+    return report
