@@ -54,7 +54,7 @@ def test_user_errors_are_one_message_not_a_traceback(tiny_run_args, tmp_path):
 
 def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):
     args = [a for a in tiny_run_args if not a.startswith(("run.dir", "method="))]  # the sweep sets it
-    proc = cli("main", "-m", "method=target_only,draft_only", *args,
+    proc = cli("main", "-m", "method=target_only,draft_only", *args, f"hydra.sweep.dir={tmp_path}/multirun",
                f"run.dir={tmp_path}/sweep/" + "${method.name}")
     for m in ("target_only", "draft_only"):
         summary = json.loads((tmp_path / "sweep" / m / "summary.json").read_text())

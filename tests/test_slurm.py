@@ -319,7 +319,7 @@ def test_arrays_larger_than_max_array_size_are_split(tiny_run_args, tmp_path, ca
 def test_multirun_sweep_each_point_its_own_run_folder_and_merge_job(tiny_run_args, tmp_path):
     args = [a for a in slurm_args(tiny_run_args, **{"dataset.shard_size": 12})
             if not a.startswith(("run.dir", "method="))]  # the sweep sets the method
-    out = cli("main", "-m", "method=target_only,draft_only", *args,
+    out = cli("main", "-m", "method=target_only,draft_only", *args, f"hydra.sweep.dir={tmp_path}/multirun",
               f"run.dir={tmp_path}/sweep/" + "${method.name}").stdout
     assert out.count("submitted 2 shards (24 samples)") == 2 and out.count("(afterok)") == 2
     for m in ("target_only", "draft_only"):
