@@ -242,6 +242,9 @@ def build_report(root: Path, out: Path | None = None) -> dict:
     if not points:
         raise ReportError(f"none of the {len(runs)} runs under {root} is finished: "
                           + "; ".join(i["incomplete"] for i in incomplete[:3]))
+    if len({p["dataset"] for p in points}) > 1:  # one folder, several problem sets: say which is which
+        for p in points:
+            p["label"] = f"{p['dataset']}: {p['label']}"
     _disambiguate(points)
     _compare_to_target_only(points)
     points.sort(key=lambda p: (p["flops_per_sample"]["total"], p["label"]))
