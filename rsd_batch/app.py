@@ -92,7 +92,7 @@ def merge(cfg: DictConfig) -> dict:
 def report(cfg: DictConfig) -> dict:
     from .report import build_report, format_markdown
 
-    rep = build_report(Path(cfg.dir), Path(cfg.out) if cfg.out else None)
+    rep = build_report(Path(cfg.dir), Path(cfg.out) if cfg.out else None, cfg.by)
     print(format_markdown(rep))
     print("\n".join(f"{k}: {v}" for k, v in rep["files"].items()))
     return rep

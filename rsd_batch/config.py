@@ -249,6 +249,7 @@ class ReportConfig:
 
     dir: str = MISSING
     out: Optional[str] = None  # where report.md, report.json and frontier.png go; null: dir
+    by: Optional[str] = None  # also accuracy per value of this metadata field (e.g. level, subject)
 
 
 class ExportLayout(Choice):

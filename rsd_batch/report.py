@@ -183,6 +183,8 @@ def format_markdown(report: dict) -> str:
             str(p["samples"]),
         ]) + " |")
     lines += ["", "★ on the accuracy-vs-FLOPs frontier (no other run is both cheaper and more accurate)."]
+    if report.get("by"):
+        lines += _by_table(report)
     if report["incomplete"]:
         lines += ["", "Not included (not finished):", ""]
         lines += [f"- `{i['run_dir']}`: {i['incomplete']}" for i in report["incomplete"]]
@@ -227,7 +229,45 @@ def plot_frontier(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def build_report(root: Path, out: Path | None = None) -> dict:
+def accuracy_by(run_dir: Path, key: str) -> dict:
+    """Accuracy per value of one metadata field (MATH-500's `level` or `subject`, the toy's `num_ops`)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(run_dir) / "merged" / "data.parquet", columns=["metadata", "correct"])
+    meta = table["metadata"].combine_chunks()
+    names = [f.name for f in meta.type] if hasattr(meta.type, "__iter__") else []
+    if key not in names:
+        raise ReportError(f"by={key}: the merged data of {run_dir} has no metadata field {key!r}; "
+                          f"it has {', '.join(names) or 'none'}.")
+    values = pc.cast(meta.field(key), "string")
+    out = {}
+    for v, c in zip(values.to_pylist(), table["correct"].to_pylist()):
+        d = out.setdefault("null" if v is None else v, {"graded": 0, "correct": 0})
+        if c is not None:
+            d["graded"] += 1
+            d["correct"] += bool(c)
+    for d in out.values():
+        d["accuracy"] = d["correct"] / d["graded"] if d["graded"] else None
+    return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+
+def _by_table(report: dict) -> list[str]:
+    key, pts = report["by"], report["points"]
+    values = list(dict.fromkeys(v for p in pts for v in p["accuracy_by"]))
+    lines = ["", f"Accuracy by `{key}` (samples graded in brackets):", "",
+             "| run | " + " | ".join(f"{key}={v}" for v in values) + " |",
+             "|---|" + "---:|" * len(values)]
+    for p in pts:
+        cells = []
+        for v in values:
+            d = p["accuracy_by"].get(v)
+            cells.append("" if not d or d["accuracy"] is None else f"{d['accuracy']:.1%} ({d['graded']})")
+        lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_report(root: Path, out: Path | None = None, by: str | None = None) -> dict:
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root} is not a folder; give the folder that holds the sweep's run folders.")
@@ -248,7 +288,10 @@ def build_report(root: Path, out: Path | None = None) -> dict:
     _disambiguate(points)
     _compare_to_target_only(points)
     points.sort(key=lambda p: (p["flops_per_sample"]["total"], p["label"]))
-    report = {"root": str(root), "points": points, "incomplete": incomplete,
+    if by:
+        for p in points:
+            p["accuracy_by"] = accuracy_by(Path(p["run_dir"]), by)
+    report = {"root": str(root), "by": by, "points": points, "incomplete": incomplete,
               "frontier": [p["label"] for p in pareto_front(points)]}
     out = Path(out) if out else root
     files = {"markdown": out / "report.md", "json": out / "report.json", "plot": out / "frontier.png"}

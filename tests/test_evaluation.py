@@ -92,6 +92,19 @@ def test_report_gathers_the_sweep(sweep, tmp_path):
     w, h = _png_size(sweep / "frontier.png")
     assert (w, h) == (1050, 720)  # 7 x 4.8 inches at 150 dpi
 
+    # Accuracy by a metadata field, written elsewhere (out=).
+    cli("report", str(sweep), "by=num_ops", f"out={tmp_path}")
+    by_rep = json.loads((tmp_path / "report.json").read_text())
+    for p in by_rep["points"]:
+        rows = _merged(Path(p["run_dir"]))
+        for ops in {r["metadata"]["num_ops"] for r in rows}:
+            group = [r["correct"] for r in rows if r["metadata"]["num_ops"] == ops]
+            assert p["accuracy_by"][str(ops)] == {"graded": len(group), "correct": sum(group),
+                                                  "accuracy": pytest.approx(sum(group) / len(group))}
+    assert "Accuracy by `num_ops`" in (tmp_path / "report.md").read_text()
+    bad = cli("report", str(sweep), "by=level", f"out={tmp_path}", check=False)
+    assert bad.returncode == 2 and "no metadata field 'level'" in bad.stderr
+
 
 def test_report_errors_name_the_folder(tmp_path):
     missing = cli("report", str(tmp_path / "nope"), check=False)

@@ -75,6 +75,9 @@ class PRMSpec:
     seed: int = 0
     bf16_autocast: bool = False
     save_dtype: str = "float32"
+    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio
+    eval_every: int = 0  # log AUROC on draft T=0.7 steps of eval_problems validation problems (0 = off)
+    eval_problems: int = 200  # drawn from a "prm-val" stream, disjoint from the held-out file
 
 
 @dataclass
@@ -329,17 +332,38 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
         logits = prm.tag_logits(ids, mask)
         return F.cross_entropy(logits.reshape(-1, 2), tag_labels.reshape(-1), ignore_index=-100)
 
+    curve = []
+    monitor = None
+    if spec.eval_every:
+        from .eval import prm_metrics, sample_labelled_steps, score_records
+
+        exclude = {p.text for p in _held_out(cfg)}
+        val_fn = _stream_fn(_problem_cfg(cfg), cfg.seed, "prm-val", exclude)
+        val = [val_fn(i) for i in range(spec.eval_problems)]
+        val_records = sample_labelled_steps(draft, tok, val, temperature=spec.rollout_temperature, seed=spec.seed + 1)
+
+        def monitor(step: int) -> None:
+            m = prm_metrics(val_records, score_records(prm, val, val_records), deltas=(0.7,))
+            op = m["operating_points"][0]
+            curve.append({"step": step, "auroc": m["auroc"], "auroc_by_kind": m["auroc_by_kind"],
+                          "precision@0.7": op["precision"], "recall@0.7": op["recall"]})
+            _log(f"prm step {step}: validation AUROC {m['auroc']:.4f} "
+                 f"{ {k: round(v, 4) for k, v in m['auroc_by_kind'].items()} } "
+                 f"delta 0.7: precision {op['precision']:.3f} recall {op['recall']:.3f}")
+
     torch.manual_seed(spec.seed)
     info = train_loop(model, batcher, loss_fn, spec.steps, spec.lr, warmup=spec.warmup,
                       weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
-                      bf16_autocast=spec.bf16_autocast)
+                      bf16_autocast=spec.bf16_autocast, lr_min_ratio=spec.lr_min_ratio,
+                      callback=monitor, callback_every=spec.eval_every)
     out = Path(cfg.out_dir) / "prm"
     save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
     report = {"role": "prm", "format": "math_shepherd", "initialised_from": spec.init_from,
               "parameters": count_parameters(model), "config": asdict(spec) if not isinstance(spec, dict) else spec,
               "train_steps": info["steps"], "train_minutes": round(info["minutes"] + data_min, 2),
               "data_minutes": round(data_min, 2), "final_train_loss": info["final_loss"],
-              "train_solutions": len(examples), "train_labelled_steps": n_steps, "train_incorrect_steps": n_neg}
+              "train_solutions": len(examples), "train_labelled_steps": n_steps, "train_incorrect_steps": n_neg,
+              "learning_curve": curve}
     _write_report(out, report)
     _log(f"prm: trained in {info['minutes']:.1f} min (+{data_min:.1f} min data), saved to {out}")
     return report
