@@ -277,6 +277,32 @@ class ExportConfig:
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/, jobs/, models/, data/
 
 
+def method_label(method: dict) -> str:
+    """What a reader needs to tell two runs apart: the method and its deciding knob (`rsd δ=0.7`)."""
+    name = method["name"]
+    if name == "rsd":
+        w, d = method["weighting"], method["threshold"]
+        label = {"binary": f"rsd δ={d:g}", "constant": f"rsd constant p={method['constant']:g}",
+                 "sigmoid": f"rsd sigmoid δ={d:g} τ={method['sigmoid_tau']:g}"}.get(w, f"rsd {w} δ={d:g}")
+    elif name == "best_of_n":
+        label = f"best_of_n N={method['candidates']}"
+    elif name == "beam_search":
+        label = f"beam_search N={method['candidates']} w={method['beam_width']}"
+    elif name == "sd":
+        label = f"sd k={method['speculative_tokens']}"
+    else:
+        label = name
+    return label
+
+
+def method_slug(method: Any) -> str:
+    """`method_label` as a folder name (`rsd-d0.7`, `target_only-T0.7`): `run=sweep` names each
+    point's run folder with it, so a sweep needs no hand-written run.dir."""
+    m = OmegaConf.to_container(method, resolve=True, enum_to_str=True) if not isinstance(method, dict) else method
+    slug = method_label(m).replace("δ=", "d").replace("τ=", "t").replace("=", "").replace(" ", "-")
+    return slug + (f"-T{m['temperature']:g}" if m.get("temperature") else "")
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -285,6 +311,8 @@ def register() -> None:
     # `${rsd_root:}` in conf/ points at the checkout, so presets work from any working directory.
     if not OmegaConf.has_resolver("rsd_root"):
         OmegaConf.register_new_resolver("rsd_root", lambda: str(ROOT))
+    if not OmegaConf.has_resolver("method_slug"):
+        OmegaConf.register_new_resolver("method_slug", method_slug)
 
 
 def to_container(node: Any) -> Any:

@@ -12,6 +12,7 @@ import logging
 import math
 from pathlib import Path
 
+from .config import method_label
 from .files import atomic_path, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE
@@ -31,27 +32,6 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def method_label(method: dict) -> str:
-    """What a reader needs to tell two points apart: the method and its deciding knob."""
-    name = method["name"]
-    if name == "rsd":
-        w = method["weighting"]
-        if w == "binary":
-            return f"rsd δ={method['threshold']:g}"
-        if w == "constant":
-            return f"rsd constant p={method['constant']:g}"
-        if w == "sigmoid":
-            return f"rsd sigmoid δ={method['threshold']:g} τ={method['sigmoid_tau']:g}"
-        return f"rsd {w} δ={method['threshold']:g}"
-    if name == "best_of_n":
-        return f"best_of_n N={method['candidates']}"
-    if name == "beam_search":
-        return f"beam_search N={method['candidates']} w={method['beam_width']}"
-    if name == "sd":
-        return f"sd k={method['speculative_tokens']}"
-    return name
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

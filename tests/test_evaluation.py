@@ -18,12 +18,13 @@ TOY = [f"dataset.limit={PILOT}", "run.progress=false", "run.batch_size=8"]
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """A δ sweep plus both baselines on the shipped toy models, into one sweep folder."""
-    root = tmp_path_factory.mktemp("sweep")
-    cli("main", "-m", *TOY, "method=rsd", "method.threshold=0.5,0.9", f"hydra.sweep.dir={root}/.hydra-rsd",
-        f"run.dir={root}/rsd-" + "${method.threshold}")
-    cli("main", "-m", *TOY, "method=target_only,draft_only", f"hydra.sweep.dir={root}/.hydra-base",
-        f"run.dir={root}/" + "${method.name}")
+    """A δ sweep plus both baselines on the shipped toy models, into one sweep folder (`run=sweep`
+    names each point's folder: runs/toy_arith-sweep/rsd-d0.5, .../target_only, ...)."""
+    cwd = tmp_path_factory.mktemp("work")
+    cli("main", "-m", *TOY, "run=sweep", "method=rsd", "method.threshold=0.5,0.9", cwd=cwd)
+    cli("main", "-m", *TOY, "run=sweep", "method=target_only,draft_only", cwd=cwd)
+    root = cwd / "runs" / "toy_arith-sweep"
+    assert sorted(p.name for p in root.iterdir()) == ["draft_only", "rsd-d0.5", "rsd-d0.9", "target_only"]
     return root
 
 
@@ -163,7 +164,7 @@ def test_calibrate_acceptance_goal_and_impossible_goal(tmp_path):
 def test_export_sft_layout_and_filters(sweep, tmp_path):
     from datasets import load_dataset
 
-    run = sweep / "rsd-0.5"
+    run = sweep / "rsd-d0.5"
     rows = _merged(run)
     out = tmp_path / "sft"
     printed = cli("export", str(run), f"out={out}", "correct_only=true", "finish_reasons=[eos]").stdout
@@ -189,7 +190,7 @@ def test_export_sft_layout_and_filters(sweep, tmp_path):
 def test_export_prm_layout_step_filters(sweep, tmp_path):
     from datasets import load_dataset
 
-    run = sweep / "rsd-0.5"
+    run = sweep / "rsd-d0.5"
     rows = _merged(run)
 
     def share(r):
