@@ -45,7 +45,14 @@ def main() -> None:
         sys.exit(f"error: {path} is missing; rsd_batch must be installed from its checkout "
                  "(pip install -e .), since jobs/ and conf/ live there.")
     args = sys.argv[2:]
-    if job in POSITIONAL and args and "=" not in args[0] and not args[0].startswith("-"):
-        args[0] = f"{POSITIONAL[job]}={args[0]}"
+    if job in POSITIONAL:
+        key = POSITIONAL[job]
+        if args and "=" not in args[0] and not args[0].startswith("-"):
+            args[0] = f"{key}={args[0]}"
+        elif not any(a.startswith(f"{key}=") or a.startswith("-") for a in args):
+            print(f"usage: rsd-batch {job} <{'sweep folder' if job == 'report' else 'run folder'}> "
+                  f"[key=value ...]   ({JOBS[job]}; `rsd-batch {job} --cfg job` lists the keys)",
+                  file=sys.stderr)
+            sys.exit(2)
     sys.argv = [str(path)] + args
     runpy.run_path(str(path), run_name="__main__")

@@ -108,6 +108,8 @@ def test_report_gathers_the_sweep(sweep, tmp_path):
 
 
 def test_report_errors_name_the_folder(tmp_path):
+    usage = cli("report", check=False)
+    assert usage.returncode == 2 and "usage: rsd-batch report <sweep folder>" in usage.stderr
     missing = cli("report", str(tmp_path / "nope"), check=False)
     assert missing.returncode == 2 and "is not a folder" in missing.stderr
     empty = cli("report", str(tmp_path), check=False)
