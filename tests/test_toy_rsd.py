@@ -35,19 +35,34 @@ def run(toy, *overrides):
     return res, acc
 
 
-@pytest.mark.xfail(reason="the shipped toy target is below its bar (14% greedy accuracy, issue 3): "
-                          "the draft is the stronger model until the target is retrained", strict=False)
-def test_rsd_keeps_target_accuracy_with_fewer_flops(toy):
-    target, target_acc = run(toy, "method=target_only")
-    draft, draft_acc = run(toy, "method=draft_only")
-    rsd, rsd_acc = run(toy, "method=rsd", "method.threshold=0.7")
-    assert draft_acc < target_acc  # a weak draft, a strong target
-    assert rsd_acc >= target_acc - 2 / N  # within two problems of the target alone
-    flops = lambda res: sum(r.ledger.flops for r in res.values())  # noqa: E731
-    assert flops(rsd) < flops(target)
+@pytest.fixture(scope="module")
+def three(toy):
+    return run(toy, "method=target_only"), run(toy, "method=draft_only"), \
+        run(toy, "method=rsd", "method.threshold=0.7")
+
+
+def _flops(res) -> int:
+    return sum(r.ledger.flops for r in res.values())
+
+
+def test_rsd_trades_between_draft_and_target(three):
+    """The shape of the paper's trade-off: a weak draft, a strong target, RSD in between on accuracy
+    at a fraction of the target's FLOPs, with most steps from the draft."""
+    (target, target_acc), (draft, draft_acc), (rsd, rsd_acc) = three
+    assert draft_acc + 0.2 < target_acc  # a weak draft, a strong target
+    assert draft_acc + 0.1 < rsd_acc <= target_acc
+    assert _flops(rsd) < 0.75 * _flops(target)
     decided = [s.accepted for r in rsd.values() for s in r.steps if s.accepted is not None]
-    assert 0.3 < sum(decided) / len(decided) < 1.0  # most steps from the draft, some rewritten
+    assert 0.5 < sum(decided) / len(decided) < 1.0  # most steps from the draft, some rewritten
     assert all(r.finish_reason == "eos" for r in target.values())
+
+
+@pytest.mark.xfail(reason="the shipped toy PRM (AUROC 0.895, precision 0.927 at δ=0.7) is below the issue 3 bar, "
+                          "so it lets through draft errors the paper's PRM would catch", strict=False)
+def test_rsd_keeps_target_accuracy_with_fewer_flops(three):
+    (target, target_acc), _, (rsd, rsd_acc) = three
+    assert rsd_acc >= target_acc - 2 / N  # within two problems of the target alone
+    assert _flops(rsd) < _flops(target)
 
 
 def test_equivalences_on_real_steps(toy):
