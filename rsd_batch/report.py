@@ -193,10 +193,23 @@ def plot_frontier(report: dict, path: Path) -> None:
     front = pareto_front(pts)
     ax.plot([p["flops_per_sample"]["total"] for p in front], [100 * p["accuracy"] for p in front],
             "--", color="0.5", lw=1, zorder=2, label="frontier")
-    for p in pts:
+    # Labels: right of the point; left for the points near the right edge except the last (the
+    # margin leaves it room), stepped down when the previous point sits close by.
+    placed = sorted(pts, key=lambda p: p["flops_per_sample"]["total"])
+    xs = [math.log10(max(p["flops_per_sample"]["total"], 1.0)) for p in placed]
+    span = max(xs[-1] - xs[0], 1e-9) if xs else 1.0
+    for i, p in enumerate(placed):
+        close = i > 0 and (xs[i] - xs[i - 1]) / span < 0.08 \
+            and abs(placed[i - 1]["accuracy"] - p["accuracy"]) < 0.06
+        right_side = (xs[i] - xs[0]) / span > 0.85 and i < len(placed) - 1
         ax.annotate(p["label"], (p["flops_per_sample"]["total"], 100 * p["accuracy"]),
-                    textcoords="offset points", xytext=(6, 5), fontsize=7)
+                    textcoords="offset points", xytext=(-7 if right_side else 7, -14 if close else 5),
+                    ha="right" if right_side else "left", fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels collide on a short range
+    ax.margins(x=0.16, y=0.08)
     ax.set_xlabel("FLOPs per sample (all models)")
     ax.set_ylabel("accuracy (%)")
     datasets = ", ".join(sorted({p["dataset"] for p in pts}))

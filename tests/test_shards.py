@@ -62,3 +62,16 @@ def test_plan_shards(rows, size, n, expect):
     plan = plan_shards(rows, cfg)
     assert [length for _, length in plan] == expect
     assert [off for off, _ in plan] == [sum(expect[:i]) for i in range(len(expect))]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """A temp file is private (0600) while written; the finished output is shared like any file the
+    user writes (a cluster group reads the merged data), and no temp file is left behind."""
+    from rsd_batch.files import _UMASK, atomic_path, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    with atomic_path(tmp_path / "b.txt") as tmp:
+        tmp.write_text("b")
+    for name in ("a.json", "b.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK != 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.txt"]
