@@ -226,7 +226,7 @@ def test_export_prm_layout_step_filters(sweep, tmp_path):
 
 
 def test_progress_line_in_the_log_off_a_terminal(tmp_path):
-    proc = cli("main", f"dataset.limit=6", "run.batch_size=2", "run.progress=true", "run.progress_every_s=0",
+    proc = cli("main", "dataset.limit=6", "run.batch_size=2", "run.progress=true", "run.progress_every_s=0",
                f"run.dir={tmp_path}/run")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "samples/s" in line]
     assert len(lines) >= 3, proc.stdout[-2000:] + proc.stderr[-2000:]  # one per committed batch, plus the final tally
