@@ -105,17 +105,45 @@ def _disambiguate(points: list[dict]) -> None:
             p["label"] = f"{p['label']} ({extra or Path(p['run_dir']).name})"
 
 
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar test: how likely a split this uneven of the problems that only one of
+    two runs solved is, if both runs were equally accurate (binomial, p = 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _correct_by_sample(run_dir: str) -> dict:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(Path(run_dir) / "merged" / "data.parquet", columns=["id", "sample_index", "correct"])
+    return {(i, k): c for i, k, c in zip(t["id"].to_pylist(), t["sample_index"].to_pylist(),
+                                         t["correct"].to_pylist()) if c is not None}
+
+
 def _compare_to_target_only(points: list[dict]) -> None:
     """Against a measured target_only run of the same dataset in the sweep, when there is one: the
-    honest baseline (the ledger's target-only figure is an estimate from RSD's own output lengths)."""
+    honest baseline (the ledger's target-only figure is an estimate from RSD's own output lengths),
+    with a paired test on the samples both graded (the same problems, so McNemar, not two CIs)."""
     for p in points:
         ref = next((q for q in points if q["method"] == "target_only" and q["dataset"] == p["dataset"]), None)
-        p["vs_target_only_run"] = None if ref is None else {
+        if ref is None:
+            p["vs_target_only_run"] = None
+            continue
+        mine, theirs = _correct_by_sample(p["run_dir"]), _correct_by_sample(ref["run_dir"])
+        both = mine.keys() & theirs.keys()
+        wins = sum(mine[k] and not theirs[k] for k in both)
+        losses = sum(theirs[k] and not mine[k] for k in both)
+        p["vs_target_only_run"] = {
             "run": ref["label"],
             "flops_ratio": ref["flops_per_sample"]["total"] / p["flops_per_sample"]["total"]
             if p["flops_per_sample"]["total"] else None,
             "accuracy_delta": None if p["accuracy"] is None or ref["accuracy"] is None
-            else p["accuracy"] - ref["accuracy"]}
+            else p["accuracy"] - ref["accuracy"],
+            "paired_samples": len(both), "only_this_correct": wins, "only_target_correct": losses,
+            "mcnemar_p": mcnemar_p(wins, losses)}
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -138,7 +166,8 @@ def format_markdown(report: dict) -> str:
     pts = report["points"]
     lines = [f"# Sweep report: {report['root']}", "",
              f"{len(pts)} runs · dataset {', '.join(sorted({p['dataset'] for p in pts}))} · "
-             "FLOPs are per sample (Kaplan 2N per token, see rsd_batch/ledger.py); 95% Wilson intervals.", ""]
+             "FLOPs are per sample (Kaplan 2N per token, see rsd_batch/ledger.py); 95% Wilson intervals; "
+             "p: exact McNemar test against the target_only run on the same samples.", ""]
     head = ["run", "accuracy", "95% CI", "FLOPs/sample", "draft", "target", "prm",
             "FLOPs vs target_only run", "Δ accuracy", "vs target alone (ledger est.)",
             "model s/sample", "draft steps accepted", "finish reasons", "samples"]
@@ -155,7 +184,8 @@ def format_markdown(report: dict) -> str:
             f"{ci[0]:.1%}–{ci[1]:.1%}" if ci else "",
             f"{f['total']:.3g}", f"{f['draft']:.3g}", f"{f['target']:.3g}", f"{f['prm']:.3g}",
             f"{vs['flops_ratio']:.2f}× fewer" if vs.get("flops_ratio") else "",
-            f"{100 * vs['accuracy_delta']:+.1f} pt" if vs.get("accuracy_delta") is not None else "",
+            f"{100 * vs['accuracy_delta']:+.1f} pt (p={vs['mcnemar_p']:.2g})"
+            if vs.get("accuracy_delta") is not None and p["method"] != "target_only" else "",
             f"{ratio:.2f}× fewer" if ratio else "",
             f"{p['model_seconds_per_sample']:.3f}",
             _pct(p["acceptance_steps"]),

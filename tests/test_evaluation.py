@@ -77,6 +77,18 @@ def test_report_gathers_the_sweep(sweep, tmp_path):
     ref = by["target_only"]["flops_per_sample"]["total"]
     assert by["rsd δ=0.5"]["vs_target_only_run"]["flops_ratio"] == pytest.approx(
         ref / by["rsd δ=0.5"]["flops_per_sample"]["total"])
+    # The paired test against the target_only run: counts from the merged rows, p from scipy.
+    from scipy.stats import binomtest
+
+    target_rows = {(r["id"], r["sample_index"]): r["correct"] for r in _merged(sweep / "target_only")}
+    for p in rep["points"]:
+        mine = {(r["id"], r["sample_index"]): r["correct"] for r in _merged(Path(p["run_dir"]))}
+        wins = sum(mine[k] and not target_rows[k] for k in mine)
+        losses = sum(target_rows[k] and not mine[k] for k in mine)
+        vs = p["vs_target_only_run"]
+        assert (vs["paired_samples"], vs["only_this_correct"], vs["only_target_correct"]) == (PILOT, wins, losses)
+        expected = binomtest(min(wins, losses), wins + losses, 0.5).pvalue if wins + losses else 1.0
+        assert vs["mcnemar_p"] == pytest.approx(expected)
     # The frontier: nothing is cheaper-or-equal and more accurate than a point on it; every point
     # off it has one on it that is cheaper-or-equal and at least as accurate.
     front = [by[label] for label in rep["frontier"]]
@@ -234,3 +246,13 @@ def test_progress_line_in_the_log_off_a_terminal(tmp_path):
     assert "accepted" in lines[-1] and "fewer than target" in lines[-1]
     logs = list((tmp_path / "run" / "logs").rglob("*.log"))
     assert any("samples/s" in p.read_text() for p in logs)  # the same line in the run's log file
+
+
+@pytest.mark.parametrize("a,b", [(0, 0), (0, 5), (3, 9), (40, 41), (2, 120)])
+def test_mcnemar_matches_scipy(a, b):
+    from scipy.stats import binomtest
+
+    from rsd_batch.report import mcnemar_p
+
+    assert mcnemar_p(a, b) == pytest.approx(binomtest(min(a, b), a + b, 0.5).pvalue if a + b else 1.0)
+    assert mcnemar_p(a, b) == mcnemar_p(b, a)
