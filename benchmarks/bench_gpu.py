@@ -147,7 +147,7 @@ def main() -> None:
             toks, flops, secs = per_role[role]
             cells += [f"{toks / secs:,.0f}" if secs else "-", f"{flops / secs / 1e12:.1f}" if secs else "-"]
         total = sum(f for _, f, _ in per_role.values())
-        print(f"| {label} | {'' if acc is None else f'{acc:.0%}'} | {wall:.1f} | {out_tokens / wall:,.0f} | "
+        print(f"| {label} | {'' if acc is None else f'{acc:.0%}'} | {wall:.2f} | {out_tokens / wall:,.0f} | "
               f"{ref_wall / wall:.2f}x | " + " | ".join(cells) +
               f" | {total / wall / 1e12:.1f} | {100 * total / wall / 1e12 / args.peak_tflops:.1f} |")
 
