@@ -48,9 +48,9 @@ def _goal_text(cfg) -> str:
 
 
 def calibrate(cfg) -> dict:
-    from .merge import merge_run
+    from .merge import merged_summary
     from .problems import load_problems
-    from .runner import load_models, run
+    from .runner import run
     from .shards import write_shards
 
     c = cfg.calibrate
@@ -73,11 +73,8 @@ def calibrate(cfg) -> dict:
         point = OmegaConf.merge(cfg, {"method": {"threshold": delta},
                                       "run": {"dir": str(root / f"delta-{delta:.4f}"),
                                               "shards_from": str(pilot_dir)}})
-        if not models:
-            from .methods import get_method
-            models.update(load_models(point, get_method("rsd").roles(point.method)))
-        run(point, models=models)
-        s = merge_run(Path(point.run.dir))
+        run(point, models=models)  # loads the models into `models` on the first probe only
+        s = merged_summary(Path(point.run.dir))  # a probe merged before is not merged again
         ratio = 1 / s["flops_vs_target_only"] if s.get("flops_vs_target_only") else float("inf")
         probes[delta] = {"delta": delta, "run_dir": point.run.dir, "accuracy": s["accuracy"],
                          "flops_ratio": ratio, "flops_per_sample": s["flops"]["mean"],
@@ -87,28 +84,26 @@ def calibrate(cfg) -> dict:
                  s["accuracy"], ratio, s["acceptance"]["steps"], "meets" if probes[delta]["meets_goal"] else "misses")
         return probes[delta]
 
-    lo, hi = c.low, c.high
-    best = None
-    if probe(hi)["meets_goal"]:
-        best = probes[round(hi, 6)]
-    elif probe(lo)["meets_goal"]:
-        best = probes[round(lo, 6)]
-        for _ in range(c.iterations):
+    best = probe(c.high)
+    if not best["meets_goal"]:  # bisect [low, high], keeping `best` the highest δ measured to meet it
+        best, lo, hi = probe(c.low), c.low, c.high
+        for _ in range(c.iterations if best["meets_goal"] else 0):
             mid = (lo + hi) / 2
-            if probe(mid)["meets_goal"]:
-                lo, best = mid, probes[round(mid, 6)]
+            point = probe(mid)
+            if point["meets_goal"]:
+                lo, best = mid, point
             else:
                 hi = mid
+    found = best["meets_goal"]
     result = {"goal": _goal_text(cfg), "pilot_problems": c.pilot, "dir": str(root),
               "probes": sorted(probes.values(), key=lambda p: p["delta"]), "delta": None}
-    if best is not None:
-        result.update({"delta": best["delta"], "accuracy": best["accuracy"], "flops_ratio": best["flops_ratio"],
-                       "acceptance": best["acceptance"]})
+    if found:
+        result.update({k: best[k] for k in ("delta", "accuracy", "flops_ratio", "acceptance")})
     write_json(root / "calibrate.json", result)
-    if best is None:
+    if not found:  # `best` is then the δ=low probe: the cheapest, most accepting point
         raise CalibrateError(
             f"no δ in [{c.low:g}, {c.high:g}] meets the goal ({_goal_text(cfg)}): even δ={c.low:g} gives "
-            f"{_describe(probes[round(c.low, 6)])}. Loosen the goal or use a cheaper draft/PRM. "
+            f"{_describe(best)}. Loosen the goal or use a cheaper draft/PRM. "
             f"Probes: {root / 'calibrate.json'}")
     return result
 

@@ -23,8 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from .config import ExportConfig, ExportLayout
+from .config import ExportConfig, ExportLayout, to_container
 from .files import atomic_path, read_json, write_json
+from .merge import current_summary, merged_path
 from .models import prompt_messages
 from .runner import RUN_FILE
 
@@ -102,12 +103,10 @@ def _prm(table: pa.Table, prompt, threshold: float) -> pa.Table:
 
 def export_run(cfg: ExportConfig) -> dict:
     run_dir = Path(cfg.run_dir)
-    data, summary_path = run_dir / "merged" / "data.parquet", run_dir / "summary.json"
     if not (run_dir / RUN_FILE).exists():
         raise ExportError(f"{run_dir} is not a run folder (no {RUN_FILE}); give the folder a run wrote.")
     info = read_json(run_dir / RUN_FILE)
-    if not data.exists() or not summary_path.exists() \
-            or read_json(summary_path).get("fingerprint") != info["fingerprint"]:
+    if current_summary(run_dir) is None:
         raise ExportError(f"{run_dir} has no merged dataset of its current config; merge it first: "
                           f"`rsd-batch merge run.dir={run_dir}`.")
     out = Path(cfg.out) if cfg.out else run_dir / "export" / str(cfg.layout)
@@ -116,7 +115,7 @@ def export_run(cfg: ExportConfig) -> dict:
             raise ExportError(f"{out} already holds an export; choose another out=, or set fresh=true "
                               "to replace it.")
         shutil.rmtree(out)
-    table = pq.read_table(data)
+    table = pq.read_table(merged_path(run_dir))
     share, low = _step_stats(table)
     counts, keep = [("merged samples", table.num_rows)], pa.array([True] * table.num_rows)
     for name, mask in _filters(cfg, table, share, low):
@@ -132,7 +131,7 @@ def export_run(cfg: ExportConfig) -> dict:
     with atomic_path(path) as tmp:
         pq.write_table(body, tmp, compression="zstd")
     report = {"source_run": str(run_dir), "source_fingerprint": info["fingerprint"],
-              "method": info["identity"]["method"]["name"], "config": OmegaConf.to_container(cfg, enum_to_str=True),
+              "method": info["identity"]["method"]["name"], "config": to_container(cfg),
               "rows": body.num_rows, "kept_after_each_filter": dict(counts), "path": str(path)}
     write_json(out / "export.json", report)
     return report

@@ -14,12 +14,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from typing import Optional
+
 from .files import atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE, result_paths
 from .shards import read_manifest, read_shard
 
 log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def merged_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "merged" / "data.parquet"
+
+
+def current_summary(run_dir: Path) -> Optional[dict]:
+    """The run's summary if its merge is of the run's current config and the dataset is there, else None."""
+    run_dir = Path(run_dir)
+    path = run_dir / SUMMARY_FILE
+    if not (path.exists() and merged_path(run_dir).exists() and (run_dir / RUN_FILE).exists()):
+        return None
+    summary = read_json(path)
+    return summary if summary.get("fingerprint") == read_json(run_dir / RUN_FILE)["fingerprint"] else None
+
+
+def merged_summary(run_dir: Path) -> dict:
+    """The current summary, merging first when there is none (MergeError if shards are not done)."""
+    return current_summary(run_dir) or merge_run(run_dir)
 
 
 class MergeError(RuntimeError):
@@ -62,14 +85,14 @@ def merge_run(run_dir: Path) -> dict:
             f"`rsd-batch run run.dir={run_dir}` (it resumes), then merge again.")
     merged = pa.concat_tables(tables, promote_options="default")
     _check_coverage(merged, shards_root, manifest, n)
-    out = run_dir / "merged" / "data.parquet"
+    out = merged_path(run_dir)
     with atomic_path(out) as tmp:
         pq.write_table(merged, tmp, compression="zstd")
     summary = summarize(merged)
     summary.update({"run_dir": str(run_dir), "fingerprint": fp, "dataset": str(out),
                     "method": run_info["identity"]["method"]["name"],
                     "quarantined_rows": (manifest.get("quarantine") or {}).get("rows", 0)})
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 

@@ -3,7 +3,7 @@
     rsd-batch report runs/toy-sweep      ->  runs/toy-sweep/report.{md,json} and frontier.png
 
 A run folder is any folder holding a run.json. One that finished but was not merged yet is merged
-here (merge_run proves coverage first); one with shards still pending is listed as incomplete and
+here (merged_summary: merge_run proves coverage first); one with shards still pending is listed as incomplete and
 left out of the table, never half counted.
 """
 from __future__ import annotations
@@ -51,16 +51,13 @@ def find_runs(root: Path) -> list[Path]:
 
 def load_point(run_dir: Path) -> dict:
     """One row of the report from a run folder (merging it first if it is done but unmerged)."""
-    from .merge import MergeError, merge_run
+    from .merge import MergeError, merged_summary
 
     info = read_json(run_dir / RUN_FILE)
-    summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path) if summary_path.exists() else None
-    if summary is None or summary.get("fingerprint") != info["fingerprint"]:
-        try:
-            summary = merge_run(run_dir)
-        except MergeError as e:
-            return {"run_dir": str(run_dir), "incomplete": str(e)}
+    try:
+        summary = merged_summary(run_dir)
+    except MergeError as e:
+        return {"run_dir": str(run_dir), "incomplete": str(e)}
     identity = info["identity"]
     n = summary["samples"]
     lo, hi = wilson_interval(summary["correct"], summary["graded"])
@@ -118,7 +115,9 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 def _correct_by_sample(run_dir: str) -> dict:
     import pyarrow.parquet as pq
 
-    t = pq.read_table(Path(run_dir) / "merged" / "data.parquet", columns=["id", "sample_index", "correct"])
+    from .merge import merged_path
+
+    t = pq.read_table(merged_path(run_dir), columns=["id", "sample_index", "correct"])
     return {(i, k): c for i, k, c in zip(t["id"].to_pylist(), t["sample_index"].to_pylist(),
                                          t["correct"].to_pylist()) if c is not None}
 
@@ -127,12 +126,16 @@ def _compare_to_target_only(points: list[dict]) -> None:
     """Against a measured target_only run of the same dataset in the sweep, when there is one: the
     honest baseline (the ledger's target-only figure is an estimate from RSD's own output lengths),
     with a paired test on the samples both graded (the same problems, so McNemar, not two CIs)."""
+    refs: dict[str, tuple[dict, dict]] = {}  # dataset -> (its target_only run, correct by sample)
+    for q in points:
+        if q["method"] == "target_only" and q["dataset"] not in refs:
+            refs[q["dataset"]] = (q, _correct_by_sample(q["run_dir"]))
     for p in points:
-        ref = next((q for q in points if q["method"] == "target_only" and q["dataset"] == p["dataset"]), None)
-        if ref is None:
+        if p["dataset"] not in refs:
             p["vs_target_only_run"] = None
             continue
-        mine, theirs = _correct_by_sample(p["run_dir"]), _correct_by_sample(ref["run_dir"])
+        ref, theirs = refs[p["dataset"]]
+        mine = _correct_by_sample(p["run_dir"])
         both = mine.keys() & theirs.keys()
         wins = sum(mine[k] and not theirs[k] for k in both)
         losses = sum(theirs[k] and not mine[k] for k in both)
@@ -257,7 +260,9 @@ def accuracy_by(run_dir: Path, key: str) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pq.read_table(Path(run_dir) / "merged" / "data.parquet", columns=["metadata", "correct"])
+    from .merge import merged_path
+
+    table = pq.read_table(merged_path(run_dir), columns=["metadata", "correct"])
     meta = table["metadata"].combine_chunks()
     names = [f.name for f in meta.type] if hasattr(meta.type, "__iter__") else []
     if key not in names:
@@ -297,8 +302,7 @@ def build_report(root: Path, out: Path | None = None, by: str | None = None) -> 
     runs = find_runs(root)
     if not runs:
         raise ReportError(f"no run folders (a folder with {RUN_FILE}) under {root}; run the sweep first, e.g. "
-                          f"`rsd-batch main -m method.threshold=0.5,0.7 'run.dir={root}/rsd-"
-                          "${method.threshold}'`.")
+                          "`rsd-batch main -m run=sweep method.threshold=0.5,0.7` (-> runs/<dataset>-sweep/).")
     loaded = [load_point(r) for r in runs]
     points = [p for p in loaded if "incomplete" not in p]
     incomplete = [p for p in loaded if "incomplete" in p]

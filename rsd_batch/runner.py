@@ -247,7 +247,8 @@ def pending_work(run_dir: Path, manifest: dict, fp: str, n: int,
 class Progress:
     """One progress line: samples done, samples/s, ETA, running acceptance and FLOPs saved.
 
-    On a terminal it is a tqdm bar; otherwise (a SLURM log) the same line is logged every 30 s.
+    On a terminal it is a tqdm bar; otherwise (a SLURM log) the same line is logged every `every_s`
+    seconds (run.progress_every_s) and once at the end.
     """
 
     def __init__(self, total: int, name: str, enabled: bool = True, every_s: float = 30.0):
@@ -321,7 +322,8 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
 
     `should_stop` is polled between batches (a launcher's preemption flag): when it turns true the
     run stops after the last committed batch and the report's "complete" is False. `models` (role ->
-    loaded model) lets a caller that runs several configs of the same models load them once.
+    loaded model) is a cache a caller running several configs of the same models passes each time:
+    the roles it lacks are loaded into it, so each model loads once.
     """
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
@@ -344,8 +346,8 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
     roles = method.roles(cfg.method)
-    if models is None or not set(roles) <= set(models):
-        models = load_models(cfg, roles)
+    models = {} if models is None else models
+    models.update(load_models(cfg, [r for r in roles if r not in models]))
     ctx = Context(models={r: models[r] for r in roles}, method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     t0 = time.perf_counter()
