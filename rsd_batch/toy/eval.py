@@ -141,15 +141,33 @@ def prm_metrics(records: list[dict], rewards: Sequence[float], deltas=(0.3, 0.5,
     return out
 
 
+def arithmetic_probe_auroc(prm, problems: Sequence[Problem], seed: int = 0) -> float:
+    """AUROC of the PRM on one operation step per problem, right vs. a near-miss wrong result, after a
+    correct prefix (``perturb.wrong_result_probe``): whether it checks the arithmetic itself rather
+    than the look of the draft's mistakes."""
+    import random
+
+    from .perturb import wrong_result_probe
+
+    rng = random.Random(seed)
+    pairs = [wrong_result_probe(p, rng) for p in problems]
+    texts = [p.text for p in problems]
+    right = prm.score(texts, [r for r, _ in pairs])
+    wrong = prm.score(texts, [w for _, w in pairs])
+    return auroc([r[-1] for r in right] + [w[-1] for w in wrong], [True] * len(right) + [False] * len(wrong))
+
+
 def evaluate_prm(prm, draft, tokenizer, problems: Sequence[Problem], temperature: float = 0.7, seed: int = 0,
                  num_samples: int = 1, deltas=(0.3, 0.5, 0.7, 0.9)) -> dict:
     records = sample_labelled_steps(draft, tokenizer, problems, temperature=temperature, seed=seed,
                                     num_samples=num_samples)
     rewards = score_records(prm, problems, records)
     res = prm_metrics(records, rewards, deltas)
-    res.update({"temperature": temperature, "num_problems": len(problems), "num_samples": num_samples})
+    res.update({"temperature": temperature, "num_problems": len(problems), "num_samples": num_samples,
+                "auroc_arithmetic_probe": arithmetic_probe_auroc(prm, problems, seed=seed)})
     return res
 
 
 __all__ = ["auroc", "evaluate_policy", "sample_labelled_steps", "score_records", "prm_metrics", "evaluate_prm",
+           "arithmetic_probe_auroc",
            "split_steps"]

@@ -121,3 +121,14 @@ def perturbed_solution(problem: Problem, rng: random.Random, p_continue: float =
             steps.append(answer_step_text(v))
     labels = [s.local_correct for s in label_steps(problem, steps)]
     return steps, labels
+
+
+def wrong_result_probe(problem: Problem, rng: random.Random) -> tuple[list[str], list[str]]:
+    """Two step lists that differ only in one operation step's result: the reference prefix ending in
+    the right step, and the same prefix ending in that step with a near-miss result (one digit
+    changed, off by 1 or 10, ...). A PRM can only tell them apart by checking the arithmetic."""
+    j = rng.randrange(len(problem.ops))
+    steps = problem.reference_steps()[:j + 2]  # first step + operations up to j
+    a, op = problem.values[j], problem.ops[j]
+    wrong = op_step_text(op, a, perturb_number(rng, op.apply(a)))
+    return steps, steps[:-1] + [wrong]
