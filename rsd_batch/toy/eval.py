@@ -169,5 +169,4 @@ def evaluate_prm(prm, draft, tokenizer, problems: Sequence[Problem], temperature
 
 
 __all__ = ["auroc", "evaluate_policy", "sample_labelled_steps", "score_records", "prm_metrics", "evaluate_prm",
-           "arithmetic_probe_auroc",
-           "split_steps"]
+           "arithmetic_probe_auroc", "split_steps"]

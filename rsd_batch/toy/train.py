@@ -106,7 +106,7 @@ class ToyTrainConfig:
     vocab_size: int = 1024
     problems: ProblemConfig = field(default_factory=ProblemConfig)
     draft: PolicySpec = field(default_factory=PolicySpec)
-    # 3.1M parameters; the task has a sharp transition (~4% at 16k examples, 47% at 24k, 90% at 40k):
+    # 3.1M parameters; the task has a sharp transition (greedy 11% at 16k examples, 68% at 32k, 98% at 48k):
     # 1500 cosine steps at batch 32 (48k examples) + 300 steps at the final LR (2e-4)
     target: PolicySpec = field(default_factory=lambda: PolicySpec(
         num_layers=4, hidden_size=256, intermediate_size=640, num_heads=8, num_kv_heads=8, steps=1500,
