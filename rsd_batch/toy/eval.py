@@ -8,6 +8,7 @@ kind (first / op / answer), and at each threshold delta the share of draft steps
 """
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from typing import Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from .checker import check_solution, split_steps
 from .lm import generate_solutions
+from .perturb import wrong_result_probe
 from .problems import Problem
 
 
@@ -145,10 +147,6 @@ def arithmetic_probe_auroc(prm, problems: Sequence[Problem], seed: int = 0) -> f
     """AUROC of the PRM on one operation step per problem, right vs. a near-miss wrong result, after a
     correct prefix (``perturb.wrong_result_probe``): whether it checks the arithmetic itself rather
     than the look of the draft's mistakes."""
-    import random
-
-    from .perturb import wrong_result_probe
-
     rng = random.Random(seed)
     pairs = [wrong_result_probe(p, rng) for p in problems]
     texts = [p.text for p in problems]
