@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from typing import Optional
 
 from .files import atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES

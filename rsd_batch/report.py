@@ -135,7 +135,7 @@ def _compare_to_target_only(points: list[dict]) -> None:
             p["vs_target_only_run"] = None
             continue
         ref, theirs = refs[p["dataset"]]
-        mine = _correct_by_sample(p["run_dir"])
+        mine = theirs if p is ref else _correct_by_sample(p["run_dir"])  # each file read once
         both = mine.keys() & theirs.keys()
         wins = sum(mine[k] and not theirs[k] for k in both)
         losses = sum(theirs[k] and not mine[k] for k in both)
