@@ -86,6 +86,29 @@ class ModelConfig:
     device_map: Optional[str] = None  # e.g. "auto": spread a large model over the visible GPUs
 
 
+class EngineName(Choice):
+    hf = "hf"  # this project's own decode loop (per-sequence KV caches): the CPU reference
+    vllm = "vllm"  # vLLM's offline LLM engines with prefix caching: the production path
+
+
+@dataclass
+class EngineConfig:
+    """Which engine decodes and scores. vLLM's own knobs keep their vLLM names; null: derived."""
+
+    name: EngineName = EngineName.hf
+    # vllm: the share of the GPU all three engines may use together, split among the roles in
+    # proportion to the memory plan (weights + KV budget). null: size each KV cache in bytes instead.
+    gpu_memory_utilization: Optional[float] = None
+    # vllm: KV-cache bytes per engine; null: the memory plan's KV budget for that role. On the CPU this
+    # (not a memory share) is what works with several engines in one process.
+    kv_cache_memory_bytes: Optional[int] = None
+    max_model_len: Optional[int] = None  # null: the model's context (model.<role>.max_context)
+    enforce_eager: bool = False  # true: no CUDA graphs / compilation (fast start, the CPU default)
+    tensor_parallel_size: Optional[int] = None  # the target's; null: launcher.gpus_per_task
+    block_size: Optional[int] = None  # KV block (prefix-cache granularity); null: vLLM's default
+    enable_prefix_caching: bool = True
+
+
 @dataclass
 class ModelsConfig:
     draft: ModelConfig = field(default_factory=ModelConfig)
@@ -236,6 +259,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelsConfig = field(default_factory=ModelsConfig)
     prm: PrmConfig = field(default_factory=PrmConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)

@@ -38,12 +38,13 @@ class CostModel:
         return 2 * self.non_embedding_params * n_tokens + 2 * self.n_layers * self.d_attn * attended
 
     @classmethod
-    def from_config(cls, config) -> "CostModel":
+    def from_config(cls, config, auto_class: str = "AutoModelForCausalLM") -> "CostModel":
+        """The cost of the model `auto_class` builds from `config` (AutoModel: no lm_head)."""
         import torch
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = getattr(transformers, auto_class).from_config(config)
         return cls.from_model(model)
 
     @classmethod

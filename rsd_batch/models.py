@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,12 @@ class LoadedModel:
     max_context: int
     eos_ids: frozenset[int]
     pad_id: int
+    backend: Any = None  # the engine module that runs it: rsd_batch.engine.hf or .vllm
+
+    def __post_init__(self):
+        if self.backend is None:
+            from .engine import hf
+            self.backend = hf
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -81,23 +88,34 @@ def load_causal_lm(cfg: ModelConfig, role: str, key: str | None = None) -> Loade
         device = torch.device(cfg.device)
         model.to(device)
     model.eval()
-    eos = set()
-    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            eos.add(source)
-        elif source:
-            eos.update(source)
-    if not eos:
-        raise ModelLoadError(f"{cfg.path}: neither the tokenizer nor generation_config names an EOS "
-                             "token, so generation could never stop. Fix the model folder.")
+    eos = eos_ids(cfg.path, tok, model.generation_config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    max_context = cfg.max_context or getattr(model.config, "max_position_embeddings", None) or 4096
+    max_context = context_of(cfg, model.config)
     cost = CostModel.from_model(model)
     log.info("loaded %s from %s: %.2fM params (%.2fM non-embedding), %s on %s, context %d",
              role, cfg.path, sum(p.numel() for p in model.parameters()) / 1e6,
              cost.non_embedding_params / 1e6, dtype, device, max_context)
     return LoadedModel(role=role, model=model, tokenizer=tok, cost=cost, device=device,
-                       max_context=max_context, eos_ids=frozenset(eos), pad_id=pad)
+                       max_context=max_context, eos_ids=eos, pad_id=pad)
+
+
+def eos_ids(path: str, tok, generation_config) -> frozenset[int]:
+    """Every id that ends generation: the tokenizer's EOS and generation_config's (one or a list)."""
+    eos = set()
+    for source in (tok.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif source:
+            eos.update(source)
+    if not eos:
+        raise ModelLoadError(f"{path}: neither the tokenizer nor generation_config names an EOS "
+                             "token, so generation could never stop. Fix the model folder.")
+    return frozenset(eos)
+
+
+def context_of(cfg: ModelConfig, config) -> int:
+    """The context a role may use: model.<role>.max_context, else the model config's own."""
+    return cfg.max_context or getattr(config, "max_position_embeddings", None) or 4096
 
 
 def _load_hint(key: str, path: str, err: Exception) -> str:
@@ -155,7 +173,7 @@ def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
         plan.append({"role": role, "device": "auto" if getattr(node, "device_map", None) else node.device,
                      "params": params, "weights_bytes": params * _BYTES.get(dtype, 4),
                      "kv_bytes": per_token * context * batch_size, "kv_bytes_per_token": per_token,
-                     "context": context, "dtype": str(dtype).replace("torch.", ""),
+                     "context": context, "max_context": limit, "dtype": str(dtype).replace("torch.", ""),
                      "flops_per_token": cost.forward_flops(1, 0) if cost else None})
     return plan
 

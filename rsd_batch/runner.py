@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 
-from .config import Config, to_container
+from .config import Config, EngineName, to_container
 from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
@@ -59,6 +59,8 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
         "seed": cfg.run.seed,
         "models": {},
     }
+    if cfg.engine.name != EngineName.hf:  # sampled outputs differ by engine (hf: the earlier runs' one)
+        identity["engine"] = cfg.engine.name.value
     for role in method.roles(cfg.method):
         node = cfg.prm if role == "prm" else cfg.model[role]
         entry = to_container(node)
@@ -304,8 +306,16 @@ class Progress:
 
 
 def load_models(cfg: Config, roles: Iterable[str]) -> dict:
+    """Each role's model on the configured engine, loaded one after another."""
     from .models import load_causal_lm
 
+    roles = list(roles)
+    if cfg.engine.name == EngineName.vllm:
+        from .engine import vllm
+        from .models import memory_plan
+
+        plan = memory_plan(cfg, roles, cfg.run.batch_size)
+        return {r: vllm.load_prm(cfg, plan) if r == "prm" else vllm.load_policy(cfg, r, plan) for r in roles}
     models = {}
     for role in roles:
         if role == "prm":

@@ -2,17 +2,14 @@
 padding and batch invariance, incremental (KV-cached) scoring equal to full scoring, loading."""
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from rsd_batch.engine import Seq, reject_candidate, score_steps
 from rsd_batch.methods import Step
 from rsd_batch.prms import load_prm
 
 from conftest import make_config
+from prm_checkpoints import build_prm_folders
 
 PROBLEMS = ["Ann has 23 coins. She buys 5 more. How many coins does Ann have now?",
             "Ben has 7 apples. He doubles them. He gives 3 away. How many apples does Ben have now?",
@@ -23,65 +20,9 @@ STEPS = [["Ann starts with 23 coins.\n\n", "She buys 5 more: 23 + 5 = 28.\n\n", 
          ["12 * 3 = 36.\n\n", "The answer is \\boxed{36}."]]
 
 
-def _tokenizer(toy_tokenizer, tmp, extra_special=(), template=None):
-    import copy
-    tok = copy.deepcopy(toy_tokenizer)
-    if extra_special:
-        tok.add_special_tokens({"additional_special_tokens": list(extra_special)})
-    if template:
-        tok.chat_template = template
-    return tok
-
-
-def _qwen2(tok, seed=0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
-    return Qwen2ForCausalLM(cfg)
-
-
-def _save_with_head(model, tok, out, architecture, head: dict):
-    """A checkpoint as the PRM's authors publish it: backbone `model.*` tensors plus the head's own."""
-    out.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head")}
-    save_file({**state, **head}, str(out / "model.safetensors"))
-    cfg = model.config.to_dict()
-    cfg["architectures"] = [architecture]
-    (out / "config.json").write_text(json.dumps(cfg))
-    tok.save_pretrained(str(out))
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def prm_folders(tmp_path_factory, toy_tokenizer, tiny_models):
-    root = tmp_path_factory.mktemp("prms")
-    g = torch.Generator().manual_seed(0)
-    folders = {"math_shepherd": tiny_models["prm"]}
-    tok = _tokenizer(toy_tokenizer, root)
-    folders["skywork"] = _save_with_head(
-        _qwen2(tok, 1), tok, root / "skywork", "Qwen2ForPrmModel",
-        {"v_head.summary.weight": torch.randn(1, 32, generator=g), "v_head.summary.bias": torch.randn(1, generator=g)})
-    qtok = _tokenizer(toy_tokenizer, root, extra_special=["<extra_0>"])
-    folders["qwen_prm"] = _save_with_head(
-        _qwen2(qtok, 2), qtok, root / "qwen_prm", "Qwen2ForProcessRewardModel",
-        {"score.0.weight": torch.randn(32, 32, generator=g), "score.0.bias": torch.randn(32, generator=g),
-         "score.2.weight": torch.randn(2, 32, generator=g), "score.2.bias": torch.randn(2, generator=g)})
-    llama3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-              "{{ m['content'] }}<|eot_id|>{% endfor %}")
-    ltok = _tokenizer(toy_tokenizer, root, template=llama3,
-                      extra_special=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
-    ltok.bos_token = "<|begin_of_text|>"
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(3)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(ltok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=1024, pad_token_id=ltok.pad_token_id))
-    llama.save_pretrained(str(root / "rlhflow"))
-    ltok.save_pretrained(str(root / "rlhflow"))
-    folders["rlhflow"] = str(root / "rlhflow")
-    return folders
+    return build_prm_folders(tmp_path_factory.mktemp("prms"), toy_tokenizer, tiny_models["prm"])
 
 
 FORMATS = ["math_shepherd", "skywork", "qwen_prm", "rlhflow"]

@@ -29,6 +29,10 @@ class RowKV:
             self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
             self.length = length
 
+    def copy(self) -> "RowKV":
+        """A copy sharing the tensors (they are never changed in place)."""
+        return RowKV(list(self.layers), self.length)
+
 
 def _growing_layer_class():
     """A cache layer that writes new tokens into spare room instead of concatenating.

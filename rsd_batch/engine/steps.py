@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from ..ledger import Ledger
-from .kv import KVBatch, RowKV
-from .sampling import SamplingParams, distribution, draw, sample_next
+from .kv import RowKV
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Seq:
         its own ledger: expanding a beam costs nothing until the child computes."""
         return Seq(key=self.key, problem=self.problem, tokens=list(self.tokens), prompt_len=self.prompt_len,
                    budget=self.budget, generators=generators,
-                   kv={r: RowKV(list(c.layers), c.length) for r, c in self.kv.items()},
+                   kv={r: c.copy() for r, c in self.kv.items()},
                    last_writer=self.last_writer, steps=list(self.steps),
                    prm_pending=list(self.prm_pending), prm_committed=self.prm_committed,
                    started=self.started)
@@ -132,153 +132,87 @@ def _tokens_with_any(tokenizer, chars: frozenset) -> frozenset:
     return frozenset(i for i, t in zip(ids, texts) if any(c in t for c in chars))
 
 
-def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, logits_to_keep: int = 1):
-    """Batch the rows and run each one's uncached tokens (plus `extra` ones) through `lm`.
-
-    Charges each row's ledger: tokens the model wrote itself and never fed count as decode,
-    everything else as prefill; the forward's time is split by tokens.
-    """
-    role = lm.role
-    caches = [s.cache(role) for s in seqs]
-    chunks = [s.tokens[c.length:] + (extra[i] if extra else []) for i, (s, c) in enumerate(zip(seqs, caches))]
-    batch = KVBatch(lm.model, lm.device, lm.pad_id, caches, chunks)
-    t0 = time.perf_counter()
-    out = batch.forward_chunk(logits_to_keep=logits_to_keep)
-    lm.synchronize()
-    elapsed = time.perf_counter() - t0
-    total = sum(len(c) for c in chunks)
-    for s, c, chunk in zip(seqs, caches, chunks):
-        cost = s.ledger.role(role)
-        own = 1 if s.last_writer == role and not extra else 0  # its own last token, as a decode would
-        cost.add_prefill(lm.cost, len(chunk) - own, c.length)
-        if own:
-            cost.add_decode(lm.cost, c.length + len(chunk) - 1)
-        cost.seconds += elapsed * len(chunk) / total
-    return batch, out, caches, chunks
+# ---------------------------------------------------------------- the backend interface
+# What a method asks of an engine. Each loaded model names its backend (`lm.backend`: engine/hf.py or
+# engine/vllm.py); the methods' round logic is the same whichever engine serves it.
 
 
-@torch.inference_mode()
 def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
                   ) -> list[StepOut]:
-    """Each sequence's next step from model `lm` (role `lm.role`), in one batched decode.
-
-    Every row first feeds the tokens its cache lacks (its chunk); rows then sample until their own
-    step ends (`stopper.done(step_tokens)`), EOS or their budget, and leave the batch with their
-    cache. With `keep_probs` each sampled token's distribution is kept (speculative sampling).
-    """
-    role = lm.role
-    if not seqs:
-        return []
-    batch, out, caches, chunks = _feed_chunks(lm, seqs)
-    outs = [StepOut([], "") for _ in seqs]
-    logits = out.logits[:, -1]
-    while True:
-        live = batch.rows
-        if keep_probs:
-            probs = distribution(logits, params)
-            tokens = [draw(probs[b], seqs[i].generators[role]) if not params.greedy else int(probs[b].argmax())
-                      for b, i in enumerate(live)]
-        else:
-            tokens = sample_next(logits, params, [seqs[i].generators[role] for i in live])
-        keep = []
-        for b, (i, tok) in enumerate(zip(live, tokens)):
-            s, o = seqs[i], outs[i]
-            o.tokens.append(tok)
-            if keep_probs:
-                o.probs.append(probs[b])
-            s.ledger.role(role).generated_tokens += 1
-            if tok in lm.eos_ids:
-                o.reason = "eos"
-            elif stopper.done(o.tokens):
-                o.reason = "step"
-            elif len(o.tokens) >= s.left:
-                o.reason = "budget"
-            if o.reason:
-                s.kv[role] = batch.extract(b)
-            else:
-                keep.append(b)
-        if not keep:
-            return outs
-        batch.keep(keep)
-        fed = [tokens[b] for b in keep]
-        t0 = time.perf_counter()
-        out = batch.forward_next(fed)
-        lm.synchronize()
-        share = (time.perf_counter() - t0) / len(keep)
-        logits = out.logits[:, -1]
-        for i in batch.rows:
-            s = seqs[i]
-            cost = s.ledger.role(role)
-            # The token just fed attends to the cache it found plus itself.
-            cost.add_decode(lm.cost, caches[i].length + len(chunks[i]) + len(outs[i].tokens) - 1)
-            cost.seconds += share
+    """Each sequence's next step from model `lm` (role `lm.role`), in one batched decode: a row
+    stops on its own at its step's end (`stopper`), EOS or its token budget. With `keep_probs` each
+    sampled token's distribution is kept (speculative sampling)."""
+    return lm.backend.generate_step(lm, seqs, params, stopper, keep_probs) if seqs else []
 
 
-@torch.inference_mode()
+def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int]
+                   ) -> list[list[StepOut]]:
+    """Each sequence's next steps from one model alone, at most `max_steps[i]` of them: a backend may
+    return one step per call (hf: a round each) or the whole rest of the solution (vllm: one request
+    each, split into steps afterwards), whichever it runs faster. Same tokens either way."""
+    return lm.backend.generate_steps(lm, seqs, params, stopper, max_steps) if seqs else []
+
+
+def split_into_steps(tokens: list[int], stopper, eos_ids, max_steps: int) -> tuple[list[StepOut], int]:
+    """Cut a generated token run into the steps `generate_step` would have made, keeping at most
+    `max_steps`; returns the steps and how many tokens were cut off after them."""
+    steps, current = [], []
+    for i, tok in enumerate(tokens):
+        current.append(tok)
+        reason = "eos" if tok in eos_ids else "step" if stopper.done(current) else ""
+        if reason:
+            steps.append(StepOut(current, reason))
+            current = []
+            if reason == "eos" or len(steps) >= max_steps:
+                return steps, len(tokens) - i - 1
+    if current:
+        steps.append(StepOut(current, "budget"))
+    return steps, 0
+
+
 def score_tokens(lm, seqs: list[Seq], proposals: list[list[int]]) -> list[torch.Tensor]:
-    """Logits of `lm` at each proposed token's position and one past it, [len(p) + 1, V] per row.
-
-    One forward: each row feeds what its cache lacks plus its proposal (speculative verification).
-    Afterwards the row's cache covers the proposal; the caller crops what it rejects.
-    """
-    if not seqs:
-        return []
-    n = max(len(p) for p in proposals) + 1
-    batch, out, _, _ = _feed_chunks(lm, seqs, extra=proposals, logits_to_keep=n)
-    logits = out.logits.float()
-    result = []
-    for b, (s, p) in enumerate(zip(seqs, proposals)):
-        s.kv[lm.role] = batch.extract(b)
-        result.append(logits[b, n - len(p) - 1:].cpu())
-    return result
+    """Logits of `lm` at each proposed token's position and one past it, [len(p) + 1, V] per row
+    (speculative verification). The caller crops what it rejects."""
+    return lm.backend.score_tokens(lm, seqs, proposals) if seqs else []
 
 
-@torch.inference_mode()
 def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: int) -> list[float]:
     """The PRM's reward for each sequence's candidate next step, reading only tokens it lacks.
+    Afterwards the PRM has read the candidate too; `reject_candidate` takes it back."""
+    return prm.backend.score_steps(prm, seqs, candidates, max_batch_tokens) if seqs else []
+
+
+def prm_chunks(prm, seqs: list[Seq], candidates: list[str]) -> list[tuple[list[int], int]]:
+    """Per row, the PRM tokens it has not read yet and where the candidate's reward is read among them.
 
     A row's chunk is: the problem (first time only), the committed steps the PRM has not read yet
-    (written by the target after a rejection), then the candidate. Rows are grouped by chunk length
-    under a token budget per forward. Afterwards each row's PRM cache holds the candidate too;
-    `reject_candidate` drops it again.
+    (written by the target after a rejection), then the candidate. Marks them read: afterwards
+    `seq.prm_committed` is where the candidate starts, so a rejection can rewind to it.
     """
     rows = []
     for s, cand in zip(seqs, candidates):
-        c = s.cache("prm")
-        ids = list(prm.prefix_ids(s.problem)) if c.length == 0 else []
+        read = s.cache("prm").length
+        ids = list(prm.prefix_ids(s.problem)) if read == 0 else []
         n_scored = len(s.steps) - len(s.prm_pending)
         for j, text in enumerate(s.prm_pending):
             ids += prm.step_ids(s.problem, text, n_scored + j)[0]
         step_ids, offset = prm.step_ids(s.problem, cand, len(s.steps))
-        s.prm_committed = c.length + len(ids)
+        s.prm_committed = read + len(ids)
         rows.append((ids + step_ids, len(ids) + offset))
         s.prm_pending = []
-    rewards = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(rows[i][0]))
+    return rows
+
+
+def length_groups(lengths: list[int], max_batch_tokens: int) -> Iterator[list[int]]:
+    """Indices sorted by length, cut into groups whose padded size stays under the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     start = 0
     while start < len(order):
         end = start + 1
-        while end < len(order) and (end + 1 - start) * len(rows[order[end]][0]) <= max_batch_tokens:
+        while end < len(order) and (end + 1 - start) * lengths[order[end]] <= max_batch_tokens:
             end += 1
-        group = order[start:end]
-        chunks = [rows[i][0] for i in group]
-        batch = KVBatch(prm.backbone, prm.device, prm.pad_id, [seqs[i].cache("prm") for i in group], chunks)
-        t0 = time.perf_counter()
-        hidden = batch.forward_chunk().last_hidden_state
-        picked = torch.stack([hidden[b, batch.width - len(chunks[b]) + rows[i][1]]
-                              for b, i in enumerate(group)])
-        scores = prm.rewards_from_hidden(picked).float().cpu().tolist()  # .cpu() waits for the GPU
-        elapsed = time.perf_counter() - t0
-        total = sum(len(c) for c in chunks)
-        for b, i in enumerate(group):
-            s = seqs[i]
-            before = s.cache("prm").length
-            s.kv["prm"] = batch.extract(b)
-            s.ledger.prm.add_prefill(prm.cost, len(chunks[b]), before)
-            s.ledger.prm.seconds += elapsed * len(chunks[b]) / total
-            rewards[i] = scores[b]
+        yield order[start:end]
         start = end
-    return rewards
 
 
 def reject_candidate(seq: Seq) -> None:

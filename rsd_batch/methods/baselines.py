@@ -5,7 +5,7 @@ is `draft_only` token for token, and with every step rejected it is `target_only
 """
 from __future__ import annotations
 
-from ..engine import SamplingParams, stopper_for, generate_step, run_rounds
+from ..engine import SamplingParams, generate_steps, run_rounds, stopper_for
 from . import Context, Method, Step, start_seq, to_result
 
 
@@ -16,8 +16,10 @@ def _single_model(role: str):
         stopper = stopper_for(lm.tokenizer, cfg)
 
         def round_fn(active):
-            for seq, out in zip(active, generate_step(lm, active, params, stopper)):
-                seq.commit(out.tokens, Step(lm.decode(out.tokens), role), out.reason, cfg.max_steps)
+            left = [cfg.max_steps - len(seq.steps) for seq in active]
+            for seq, outs in zip(active, generate_steps(lm, active, params, stopper, left)):
+                for out in outs:
+                    seq.commit(out.tokens, Step(lm.decode(out.tokens), role), out.reason, cfg.max_steps)
 
         for seq in run_rounds(tasks, ctx.batch_size, cfg.refill, lambda t: start_seq(t, ctx, [lm]),
                               round_fn):

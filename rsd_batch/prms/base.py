@@ -25,6 +25,17 @@ class PRMAdapter(ABC):
     device: torch.device
     max_batch_tokens: int = 16384
 
+    @property
+    def backend(self):
+        """The engine module that runs the backbone: this project's loop unless another is attached
+        (rsd_batch/engine/vllm.py: load_prm)."""
+        from ..engine import hf
+        return self.__dict__.get("_backend", hf)
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self.__dict__["_backend"] = value
+
     @abstractmethod
     def prefix_ids(self, problem: str) -> list[int]:
         """Tokens before the first step."""
@@ -56,15 +67,11 @@ class PRMAdapter(ABC):
     def score(self, problems: Sequence[str], steps: Sequence[Sequence[str]],
               padding_side: str = "left") -> list[list[float]]:
         """Reward of every step of every (problem, steps), batched by length under a token budget."""
+        from ..engine.steps import length_groups
+
         enc = [self.encode(p, s) for p, s in zip(problems, steps, strict=True)]
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
         rewards: list[list[float]] = [[] for _ in enc]
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end + 1 - start) * len(enc[order[end]][0]) <= self.max_batch_tokens:
-                end += 1
-            group = order[start:end]
+        for group in length_groups([len(ids) for ids, _ in enc], self.max_batch_tokens):
             width = max(len(enc[i][0]) for i in group)
             ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -81,8 +88,20 @@ class PRMAdapter(ABC):
             for r, i in enumerate(group):
                 at = [shift[r] + p for p in enc[i][1]]
                 rewards[i] = self.rewards_from_hidden(hidden[r, at]).float().cpu().tolist() if at else []
-            start = end
         return rewards
+
+
+def read_lm_head_rows(path: str, rows: Sequence[int], revision: str | None = None) -> torch.Tensor:
+    """Rows of a causal LM's output projection from its checkpoint, without loading the model (the
+    vLLM engine runs the backbone; a "+"/"-" PRM needs two rows of the head). A tied head is the
+    input embedding."""
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        try:
+            return read_tensors(path, [name], revision)[name][list(rows)]
+        except ValueError:
+            continue
+    raise ValueError(f"{path}: the checkpoint has neither lm_head.weight nor model.embed_tokens.weight; "
+                     "is this the right prm.format for it?")
 
 
 def read_tensors(path: str, names: Sequence[str], revision: str | None = None) -> dict[str, torch.Tensor]:

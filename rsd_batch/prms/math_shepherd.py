@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .base import PRMAdapter
+from .base import PRMAdapter, read_lm_head_rows
 
 STEP_TAG = "ки"
 GOOD_TOKEN = "+"
@@ -31,10 +31,14 @@ def _last_id(tokenizer, text: str) -> int:
 
 class MathShepherdPRM(PRMAdapter):
     """``score(problems, steps) -> rewards in [0, 1]`` for a Math-Shepherd style causal-LM PRM."""
+    auto_class = "AutoModelForCausalLM"  # what `model` is: its cost is the ledger's
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", step_tag: str = STEP_TAG,
-                 good_token: str = GOOD_TOKEN, bad_token: str = BAD_TOKEN, max_batch_tokens: int = 16384):
-        self.model = model.eval()
+                 good_token: str = GOOD_TOKEN, bad_token: str = BAD_TOKEN, max_batch_tokens: int = 16384,
+                 head_rows: torch.Tensor | None = None):
+        # model None: another engine runs the backbone; `head_rows` are the ("+", "-") rows of its head.
+        self.model = model.eval() if model is not None else None
+        self.head_rows = head_rows
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.step_tag = step_tag
@@ -46,12 +50,16 @@ class MathShepherdPRM(PRMAdapter):
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        revision: str | None = None, **kwargs) -> "MathShepherdPRM":
+                        revision: str | None = None, backbone: bool = True, **kwargs) -> "MathShepherdPRM":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, revision=revision).to(device)
-        return cls(model, tokenizer, device=device, **kwargs)
+        if backbone:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, revision=revision).to(device)
+            return cls(model, tokenizer, device=device, **kwargs)
+        prm = cls(None, tokenizer, device=device, **kwargs)
+        prm.head_rows = read_lm_head_rows(str(path), [prm.good_id, prm.bad_id], revision)
+        return prm
 
     # -- the incremental interface the engine uses (rsd_batch/engine/steps.py: score_steps) --------
 
@@ -71,7 +79,10 @@ class MathShepherdPRM(PRMAdapter):
 
     def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """P("+") / (P("+") + P("-")) from final hidden states at tag positions, [N, d] -> [N]."""
-        head = self.model.get_output_embeddings()
+        if self.head_rows is not None:
+            w = self.head_rows.to(hidden.device)
+            return (hidden.float() @ w.float().T).softmax(-1)[:, 0]
+        head = self.model.get_output_embeddings()  # read at call time: the toy trainer updates it
         w = head.weight[[self.good_id, self.bad_id]]
         logits = hidden.to(w.dtype) @ w.T
         if getattr(head, "bias", None) is not None:

@@ -16,20 +16,23 @@ SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}
 
 
 class QwenPRM(PRMAdapter):
+    auto_class = "AutoModel"  # what `model` is: its cost is the ledger's
     def __init__(self, model, tokenizer, head: dict, device, step_tag: str = "<extra_0>", system: str = SYSTEM):
-        self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
-        dtype = next(model.parameters()).dtype
+        # model None: another engine runs the backbone; the head is applied here, in float32.
+        self.model = model.eval() if model is not None else None
+        self.tokenizer, self.device = tokenizer, torch.device(device)
+        dtype = next(model.parameters()).dtype if model is not None else torch.float32
         self.head = {k: v.to(self.device, dtype) for k, v in head.items()}
         self.step_tag, self.system = step_tag, system
         self.step_tag_id = tokenizer.convert_tokens_to_ids(step_tag)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, **kw):
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, backbone=True, **kw):
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModel.from_pretrained(path, dtype=dtype, revision=revision).to(device)
+        model = AutoModel.from_pretrained(path, dtype=dtype, revision=revision).to(device) if backbone else None
         return cls(model, tokenizer, read_tensors(path, HEAD, revision), device, **kw)
 
     @property

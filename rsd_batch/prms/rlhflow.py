@@ -9,24 +9,35 @@ from __future__ import annotations
 
 import torch
 
-from .base import PRMAdapter
+from .base import PRMAdapter, read_lm_head_rows
 
 
 class RLHFlowPRM(PRMAdapter):
-    def __init__(self, model, tokenizer, device, good: str = "+", bad: str = "-"):
-        self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
+    auto_class = "AutoModelForCausalLM"  # what `model` is: its cost is the ledger's
+    def __init__(self, model, tokenizer, device, good: str = "+", bad: str = "-",
+                 head_rows: torch.Tensor | None = None):
+        # model None: another engine runs the backbone; `head_rows` are the ("+", "-") rows of its head.
+        self.model = model.eval() if model is not None else None
+        self.tokenizer, self.device = tokenizer, torch.device(device)
         self.good_id = tokenizer.encode(good, add_special_tokens=False)[-1]
         self.bad_id = tokenizer.encode(bad, add_special_tokens=False)[-1]
         self.good = good
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if head_rows is None and model is not None:
+            head_rows = model.get_output_embeddings().weight[[self.good_id, self.bad_id]]
+        self.head_rows = head_rows
 
     @classmethod
-    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, **kw):
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, backbone=True, **kw):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).to(device)
-        return cls(model, tokenizer, device, **kw)
+        if backbone:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).to(device)
+            return cls(model, tokenizer, device, **kw)
+        prm = cls(None, tokenizer, device, **kw)
+        prm.head_rows = read_lm_head_rows(path, [prm.good_id, prm.bad_id], revision)
+        return prm
 
     @property
     def backbone(self):
@@ -52,6 +63,5 @@ class RLHFlowPRM(PRMAdapter):
         return ids, answer - 1  # the position that predicts the answer token
 
     def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.get_output_embeddings()
-        w = head.weight[[self.good_id, self.bad_id]]
+        w = self.head_rows.to(hidden.device)
         return (hidden.to(w.dtype) @ w.T).float().softmax(-1)[:, 0]

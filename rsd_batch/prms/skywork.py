@@ -15,20 +15,23 @@ HEAD = ("v_head.summary.weight", "v_head.summary.bias")
 
 
 class SkyworkPRM(PRMAdapter):
+    auto_class = "AutoModel"  # what `model` is: its cost is the ledger's
     def __init__(self, model, tokenizer, head: dict, device, step_token: str = "\n\n"):
-        self.model, self.tokenizer, self.device = model.eval(), tokenizer, torch.device(device)
-        dtype = next(model.parameters()).dtype
+        # model None: another engine runs the backbone; the head is applied here, in float32.
+        self.model = model.eval() if model is not None else None
+        self.tokenizer, self.device = tokenizer, torch.device(device)
+        dtype = next(model.parameters()).dtype if model is not None else torch.float32
         self.w = head[HEAD[0]].to(self.device, dtype)  # [1, d]
         self.b = head[HEAD[1]].to(self.device, dtype)  # [1]
         self.step_token_id = tokenizer.encode(step_token, add_special_tokens=False)[-1]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, **kw):
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, revision=None, backbone=True, **kw):
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        model = AutoModel.from_pretrained(path, dtype=dtype, revision=revision).to(device)  # Qwen2Model
+        model = AutoModel.from_pretrained(path, dtype=dtype, revision=revision).to(device) if backbone else None  # Qwen2Model
         return cls(model, tokenizer, read_tensors(path, HEAD, revision), device, **kw)
 
     @property

@@ -1,0 +1,147 @@
+"""The HF backend: this project's own decode loop over Hugging Face models (the CPU reference).
+
+Each sequence keeps its own KV cache per model (engine/kv.py); a batched forward feeds each row only
+the tokens its cache lacks, so no model re-processes a prefix. The ledger counts exactly what each
+forward computes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .kv import KVBatch
+from .sampling import SamplingParams, distribution, draw, sample_next
+from .steps import Seq, StepOut, length_groups, prm_chunks
+
+
+def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, logits_to_keep: int = 1):
+    """Batch the rows and run each one's uncached tokens (plus `extra` ones) through `lm`.
+
+    Charges each row's ledger: tokens the model wrote itself and never fed count as decode,
+    everything else as prefill; the forward's time is split by tokens.
+    """
+    role = lm.role
+    caches = [s.cache(role) for s in seqs]
+    chunks = [s.tokens[c.length:] + (extra[i] if extra else []) for i, (s, c) in enumerate(zip(seqs, caches))]
+    batch = KVBatch(lm.model, lm.device, lm.pad_id, caches, chunks)
+    t0 = time.perf_counter()
+    out = batch.forward_chunk(logits_to_keep=logits_to_keep)
+    lm.synchronize()
+    elapsed = time.perf_counter() - t0
+    total = sum(len(c) for c in chunks)
+    for s, c, chunk in zip(seqs, caches, chunks):
+        cost = s.ledger.role(role)
+        own = 1 if s.last_writer == role and not extra else 0  # its own last token, as a decode would
+        cost.add_prefill(lm.cost, len(chunk) - own, c.length)
+        if own:
+            cost.add_decode(lm.cost, c.length + len(chunk) - 1)
+        cost.seconds += elapsed * len(chunk) / total
+    return batch, out, caches, chunks
+
+
+def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
+                  ) -> list[StepOut]:
+    """Every row first feeds the tokens its cache lacks (its chunk); rows then sample until their own
+    step ends, EOS or their budget, and leave the batch with their cache."""
+    return [steps[0] for steps in _decode(lm, seqs, params, stopper, [1] * len(seqs), keep_probs)]
+
+
+def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int]
+                   ) -> list[list[StepOut]]:
+    """The rest of each solution in one batched decode: a row goes on past its step ends (up to
+    `max_steps`), so the batch is not re-gathered at every step; it leaves at EOS or its budget."""
+    return _decode(lm, seqs, params, stopper, max_steps)
+
+
+@torch.inference_mode()
+def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int],
+            keep_probs: bool = False) -> list[list[StepOut]]:
+    role = lm.role
+    batch, out, caches, chunks = _feed_chunks(lm, seqs)
+    outs = [[StepOut([], "")] for _ in seqs]
+    made = [0] * len(seqs)  # tokens each row has sampled in this call
+    logits = out.logits[:, -1]
+    while True:
+        live = batch.rows
+        if keep_probs:
+            probs = distribution(logits, params)
+            tokens = [draw(probs[b], seqs[i].generators[role]) if not params.greedy else int(probs[b].argmax())
+                      for b, i in enumerate(live)]
+        else:
+            tokens = sample_next(logits, params, [seqs[i].generators[role] for i in live])
+        keep = []
+        for b, (i, tok) in enumerate(zip(live, tokens)):
+            s, o = seqs[i], outs[i][-1]
+            o.tokens.append(tok)
+            made[i] += 1
+            if keep_probs:
+                o.probs.append(probs[b])
+            s.ledger.role(role).generated_tokens += 1
+            if tok in lm.eos_ids:
+                o.reason = "eos"
+            elif stopper.done(o.tokens):
+                o.reason = "step"
+            elif made[i] >= s.left:
+                o.reason = "budget"
+            if o.reason in ("eos", "budget") or made[i] >= s.left or len(outs[i]) >= max_steps[i] and o.reason:
+                s.kv[role] = batch.extract(b)
+            else:
+                if o.reason:  # a step ended: the row goes on with the next one
+                    outs[i].append(StepOut([], ""))
+                keep.append(b)
+        if not keep:
+            return outs
+        batch.keep(keep)
+        fed = [tokens[b] for b in keep]
+        t0 = time.perf_counter()
+        out = batch.forward_next(fed)
+        lm.synchronize()
+        share = (time.perf_counter() - t0) / len(keep)
+        logits = out.logits[:, -1]
+        for i in batch.rows:
+            cost = seqs[i].ledger.role(role)
+            # The token just fed attends to the cache it found plus itself.
+            cost.add_decode(lm.cost, caches[i].length + len(chunks[i]) + made[i] - 1)
+            cost.seconds += share
+
+
+@torch.inference_mode()
+def score_tokens(lm, seqs: list[Seq], proposals: list[list[int]]) -> list[torch.Tensor]:
+    """One forward: each row feeds what its cache lacks plus its proposal. Afterwards the row's cache
+    covers the proposal."""
+    n = max(len(p) for p in proposals) + 1
+    batch, out, _, _ = _feed_chunks(lm, seqs, extra=proposals, logits_to_keep=n)
+    logits = out.logits.float()
+    result = []
+    for b, (s, p) in enumerate(zip(seqs, proposals)):
+        s.kv[lm.role] = batch.extract(b)
+        result.append(logits[b, n - len(p) - 1:].cpu())
+    return result
+
+
+@torch.inference_mode()
+def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: int) -> list[float]:
+    """Rows are grouped by chunk length under a token budget per forward; each row's PRM cache then
+    holds the candidate too."""
+    rows = prm_chunks(prm, seqs, candidates)
+    rewards = [0.0] * len(seqs)
+    for group in length_groups([len(ids) for ids, _ in rows], max_batch_tokens):
+        chunks = [rows[i][0] for i in group]
+        batch = KVBatch(prm.backbone, prm.device, prm.pad_id, [seqs[i].cache("prm") for i in group], chunks)
+        t0 = time.perf_counter()
+        hidden = batch.forward_chunk().last_hidden_state
+        picked = torch.stack([hidden[b, batch.width - len(chunks[b]) + rows[i][1]]
+                              for b, i in enumerate(group)])
+        scores = prm.rewards_from_hidden(picked).float().cpu().tolist()  # .cpu() waits for the GPU
+        elapsed = time.perf_counter() - t0
+        total = sum(len(c) for c in chunks)
+        for b, i in enumerate(group):
+            s = seqs[i]
+            before = s.cache("prm").length
+            s.kv["prm"] = batch.extract(b)
+            s.ledger.prm.add_prefill(prm.cost, len(chunks[b]), before)
+            s.ledger.prm.seconds += elapsed * len(chunks[b]) / total
+            rewards[i] = scores[b]
+    return rewards
