@@ -31,11 +31,17 @@ class LoadedModel:
     eos_ids: frozenset[int]
     pad_id: int
     backend: Any = None  # the engine module that runs it: rsd_batch.engine.hf or .vllm
+    vocab_size: int = 0  # rows of its input embedding (0: the tokenizer's size)
+    # Ids it may sample: the smallest vocabulary of the models that share its sequences (Qwen2.5-Math
+    # 1.5B has 151,936 rows, 7B/72B 152,064; an id past the draft's rows would crash it). share_vocab sets it.
+    vocab_limit: int = 0
 
     def __post_init__(self):
         if self.backend is None:
             from .engine import hf
             self.backend = hf
+        self.vocab_size = self.vocab_size or len(self.tokenizer)
+        self.vocab_limit = self.vocab_limit or self.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -96,7 +102,17 @@ def load_causal_lm(cfg: ModelConfig, role: str, key: str | None = None) -> Loade
              role, cfg.path, sum(p.numel() for p in model.parameters()) / 1e6,
              cost.non_embedding_params / 1e6, dtype, device, max_context)
     return LoadedModel(role=role, model=model, tokenizer=tok, cost=cost, device=device,
-                       max_context=max_context, eos_ids=eos, pad_id=pad)
+                       max_context=max_context, eos_ids=eos, pad_id=pad,
+                       vocab_size=model.get_input_embeddings().num_embeddings)
+
+
+def share_vocab(models: dict) -> None:
+    """Let the draft and the target sample only ids both can embed (they write into one sequence)."""
+    policies = [models[r] for r in ("draft", "target") if r in models]
+    if policies:
+        limit = min(p.vocab_size for p in policies)
+        for p in policies:
+            p.vocab_limit = limit
 
 
 def eos_ids(path: str, tok, generation_config) -> frozenset[int]:

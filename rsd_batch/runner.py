@@ -307,7 +307,7 @@ class Progress:
 
 def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     """Each role's model on the configured engine, loaded one after another."""
-    from .models import load_causal_lm
+    from .models import load_causal_lm, share_vocab
 
     roles = list(roles)
     if cfg.engine.name == EngineName.vllm:
@@ -315,14 +315,16 @@ def load_models(cfg: Config, roles: Iterable[str]) -> dict:
         from .models import memory_plan
 
         plan = memory_plan(cfg, roles, cfg.run.batch_size)
-        return {r: vllm.load_prm(cfg, plan) if r == "prm" else vllm.load_policy(cfg, r, plan) for r in roles}
-    models = {}
-    for role in roles:
-        if role == "prm":
-            from .prms import load_prm
-            models[role] = load_prm(cfg.prm)
-        else:
-            models[role] = load_causal_lm(cfg.model[role], role)
+        models = {r: vllm.load_prm(cfg, plan) if r == "prm" else vllm.load_policy(cfg, r, plan) for r in roles}
+    else:
+        models = {}
+        for role in roles:
+            if role == "prm":
+                from .prms import load_prm
+                models[role] = load_prm(cfg.prm)
+            else:
+                models[role] = load_causal_lm(cfg.model[role], role)
+    share_vocab(models)
     return models
 
 
@@ -338,7 +340,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
     method = get_method(cfg.method.name.value)
-    from .models import check_memory, memory_plan
+    from .models import check_memory, memory_plan, share_vocab
 
     # Before anything is written or loaded: will the models and their caches fit?
     log.info("memory plan (weights + KV budget for %d sequences in flight):\n%s", cfg.run.batch_size,
@@ -358,6 +360,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     roles = method.roles(cfg.method)
     models = {} if models is None else models
     models.update(load_models(cfg, [r for r in roles if r not in models]))
+    share_vocab({r: models[r] for r in roles})
     ctx = Context(models={r: models[r] for r in roles}, method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     t0 = time.perf_counter()

@@ -18,8 +18,9 @@ SHAPES = {
 }
 
 
-def qwen2_config(name: str, scale: int = 1, **overrides):
-    """A Qwen2Config of a named shape; `scale` > 1 divides widths and depth (CPU smoke tests)."""
+def qwen2_config(name: str, scale: int = 1, min_head_dim: int = 8, **overrides):
+    """A Qwen2Config of a named shape; `scale` > 1 divides widths and depth (CPU smoke tests), keeping
+    heads at least `min_head_dim` wide (vLLM's CPU attention needs 32)."""
     from transformers import Qwen2Config
 
     s = dict(SHAPES[name])
@@ -29,7 +30,7 @@ def qwen2_config(name: str, scale: int = 1, **overrides):
         while heads % kv:
             kv -= 1
         s.update(num_attention_heads=heads, num_key_value_heads=kv,
-                 hidden_size=heads * max(8, (s["hidden_size"] // s["num_attention_heads"]) // scale),
+                 hidden_size=heads * max(min_head_dim, (s["hidden_size"] // s["num_attention_heads"]) // scale),
                  intermediate_size=max(32, s["intermediate_size"] // scale ** 2),
                  num_hidden_layers=max(1, s["num_hidden_layers"] // scale))
     s.update(overrides)

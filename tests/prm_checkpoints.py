@@ -69,3 +69,39 @@ def build_prm_folders(root, toy_tokenizer, math_shepherd: str, hidden: int = 32,
     ltok.save_pretrained(str(root / "rlhflow"))
     folders["rlhflow"] = str(root / "rlhflow")
     return folders
+
+
+LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def relayout(src: str, dst, layout: str) -> str:
+    """A copy of a single-file safetensors checkpoint folder in another published layout (sharded ones
+    split the tensors over two files and write the index), as the hub serves them."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.index.json"))
+    state = load_file(str(src / "model.safetensors"))
+    names = sorted(state)
+    ext = "safetensors" if "safetensors" in layout else "bin"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+
+    def write(tensors: dict, file: str) -> None:
+        if ext == "safetensors":
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / file), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, str(dst / file))
+
+    if layout.endswith(".index.json"):
+        halves = [names[: len(names) // 2], names[len(names) // 2:]]
+        files = [f"{stem}-0000{i + 1}-of-00002.{ext}" for i in range(2)]
+        for part, file in zip(halves, files):
+            write({k: state[k] for k in part}, file)
+        index = {"metadata": {}, "weight_map": {k: f for part, f in zip(halves, files) for k in part}}
+        (dst / layout).write_text(json.dumps(index))
+    else:
+        write(state, layout)
+    return str(dst)

@@ -229,5 +229,47 @@ def test_beam_search_of_one_greedy_beam_is_greedy_target(tiny_run_args, tasks):
                       "method.beam_width=2", "method.max_steps=6", tasks=tasks[:4])
     for r in wide.values():
         assert r.finish_reason in ("eos", "max_tokens", "max_steps") and r.steps
-        assert r.ledger.target.generated_tokens >= sum(1 for _ in r.output) * 0  # paid for
+        # paid for: at least the kept steps' tokens (every expanded candidate costs more)
+        assert r.ledger.target.generated_tokens >= len(r.steps) > 0
         assert r.ledger.prm.prefill_tokens > 0
+
+
+# ---------------------------------------------------------------- vocabularies that differ
+
+
+@pytest.fixture(scope="module")
+def wide_target(tmp_path_factory, toy_tokenizer):
+    """A target with 64 embedding rows more than the tokenizer and the draft (Qwen2.5-Math 7B against
+    1.5B: 152,064 against 151,936 rows). Random weights give those ids real probability."""
+    from rsd_batch.toy.build import new_model, save_model
+    model = new_model(toy_tokenizer, seed=5, num_layers=1, hidden_size=32, initializer_range=0.6)
+    model.resize_token_embeddings(len(toy_tokenizer) + 64, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(toy_tokenizer):] *= 8  # make the extra ids likely
+    return str(save_model(model, toy_tokenizer, tmp_path_factory.mktemp("wide") / "target"))
+
+
+def test_no_id_past_the_smaller_vocabulary_is_ever_sampled(tiny_run_args, wide_target, tasks, toy_tokenizer):
+    vocab = len(toy_tokenizer)
+    cfg = make_config(*tiny_run_args, f"model.target.path={wide_target}")
+    models = load_models(cfg, ("draft", "target"))
+    target = models["target"]
+    assert target.vocab_size == vocab + 64 and target.vocab_limit == vocab == models["draft"].vocab_limit
+    # Unmasked, the wide target does emit the extra ids: the hazard is real.
+    with torch.no_grad():
+        ids = target.encode(render_prompt(target.tokenizer, tasks[0].problem, cfg.prompt))
+        probs = target.model(input_ids=torch.tensor([ids])).logits[0, -1].softmax(-1)
+    assert float(probs[vocab:].sum()) > 0.05
+    params = SamplingParams(temperature=1.0)
+    drawn = []
+    for k in range(20):
+        seqs = [Seq(key=i, problem=t.problem, tokens=list(ids), prompt_len=len(ids), budget=24,
+                    generators={"target": sample_generator(k, t.id, i, "target")}) for i, t in enumerate(tasks)]
+        for out in generate_step(target, seqs, params, StepStopper(target.tokenizer, "e")):
+            drawn += out.tokens
+    assert len(drawn) > 1000 and max(drawn) < vocab
+    # Every method that writes one sequence with both models runs to the end, sampled.
+    for method in ("rsd", "sd"):
+        out = run_method(tiny_run_args, *SAMPLED, f"method={method}", f"model.target.path={wide_target}",
+                         "method.weighting=linear", tasks=tasks)
+        assert len(out) == len(tasks) and all(r.error is None for r in out.values())

@@ -3,13 +3,14 @@ padding and batch invariance, incremental (KV-cached) scoring equal to full scor
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rsd_batch.engine import Seq, reject_candidate, score_steps
 from rsd_batch.methods import Step
 from rsd_batch.prms import load_prm
 
 from conftest import make_config
-from prm_checkpoints import build_prm_folders
+from prm_checkpoints import LAYOUTS, build_prm_folders, relayout
 
 PROBLEMS = ["Ann has 23 coins. She buys 5 more. How many coins does Ann have now?",
             "Ben has 7 apples. He doubles them. He gives 3 away. How many apples does Ben have now?",
@@ -105,5 +106,30 @@ def test_incremental_scoring_equals_full_scoring(fmt, prm_folders):
 
 def test_a_checkpoint_without_its_head_is_refused(prm_folders, tmp_path):
     from rsd_batch.models import ModelLoadError
-    with pytest.raises((ModelLoadError, ValueError), match="no tensor v_head.summary.weight"):
+    with pytest.raises((ModelLoadError, ValueError), match="no tensor v_head.summary.weight, v_head.summary.bias "
+                       r"\(looked in model.safetensors\)"):
         load("skywork", {"skywork": prm_folders["qwen_prm"]})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_published_weight_layout_loads(layout, prm_folders, tiny_models, tmp_path):
+    """PRMs (backbone and head) and policies load from each layout and score/decode as from safetensors."""
+    from rsd_batch.models import load_causal_lm
+
+    for fmt in ("skywork", "qwen_prm", "math_shepherd"):
+        want = load(fmt, prm_folders).score(PROBLEMS, STEPS)
+        got = load(fmt, {fmt: relayout(prm_folders[fmt], tmp_path / fmt, layout)}).score(PROBLEMS, STEPS)
+        assert got == want
+    cfg = make_config(f"model.target.path={relayout(tiny_models['target'], tmp_path / 'target', layout)}")
+    lm = load_causal_lm(cfg.model.target, "target")
+    ref = load_causal_lm(make_config(f"model.target.path={tiny_models['target']}").model.target, "target")
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.state_dict().values(), ref.model.state_dict().values()))
+
+
+def test_a_folder_without_weights_says_what_it_looked_for(prm_folders, tmp_path):
+    import shutil
+    from rsd_batch.models import ModelLoadError
+    empty = tmp_path / "no_weights"
+    shutil.copytree(prm_folders["skywork"], empty, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin"):
+        load("skywork", {"skywork": str(empty)})

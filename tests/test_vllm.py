@@ -188,3 +188,67 @@ def test_sigkill_mid_shard_resumes_exactly_once(tmp_path):
     for r in a:
         assert r["output"] == b[r["id"]]["output"]
         assert [s["accepted"] for s in r["steps"]] == [s["accepted"] for s in b[r["id"]]["steps"]]
+
+
+# ---------------------------------------------------------------- the benchmarks' vLLM rows
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    return {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+                              if line.startswith("| ") and not line.startswith(("| row", "| method")))}
+
+
+def test_engines_benchmark_rows_agree():
+    import sys
+    from rsd_batch.config import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_engines.py"), "--limit", "24",
+                           "--batch-size", "8", "--repeats", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert set(rows) == {"target: HF model.generate", "target: engine=hf", "target: plain vllm.LLM.generate",
+                         "target: engine=vllm", "rsd δ=0.7: engine=hf", "rsd δ=0.7: engine=vllm"}
+    assert all(r[-1] == "24/24" for r in rows.values())  # every engine writes the same texts
+    assert "plain vllm.LLM.generate's output tok/s" in proc.stdout
+
+
+def test_gpu_benchmark_runs_on_vllm_scaled_down():
+    import sys
+    from rsd_batch.config import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_gpu.py"), "--engine", "vllm", "--device",
+                           "cpu", "--scale", "16", "--batch", "3", "--rounds", "2", "--step-tokens", "6",
+                           "--prompt", "12"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    assert list(rows) == ["target_only", "rsd, 0% accepted", "rsd, 50% accepted", "rsd, 90% accepted"]
+    assert rows["rsd, 0% accepted"][1] == "0%" and rows["target_only"][5] == "-"
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows.values())
+
+
+def test_engine_arguments_come_from_the_memory_plan():
+    """One device for three engines: each gets its share of the memory plan; a large target gets the
+    task's GPUs as tensor parallelism; every vLLM knob passes through under its own name."""
+    from rsd_batch.engine.vllm import engine_kwargs
+    from rsd_batch.models import memory_plan
+
+    roles = ("draft", "target", "prm")
+    cfg = make_config("engine=vllm", "engine.gpu_memory_utilization=0.9", "launcher.gpus_per_task=4",
+                      "engine.max_model_len=512", "engine.block_size=64", "run.batch_size=8")
+    plan = memory_plan(cfg, roles, 8)
+    kws = {r: engine_kwargs(cfg, r, plan) for r in roles}
+    assert abs(sum(k["gpu_memory_utilization"] for k in kws.values()) - 0.9) < 1e-9
+    need = {p["role"]: p["weights_bytes"] + p["kv_bytes"] for p in plan}
+    assert kws["target"]["gpu_memory_utilization"] > kws["draft"]["gpu_memory_utilization"]
+    assert abs(kws["target"]["gpu_memory_utilization"] / kws["draft"]["gpu_memory_utilization"]
+               - need["target"] / need["draft"]) < 1e-9
+    assert kws["target"]["tensor_parallel_size"] == 4 and "tensor_parallel_size" not in kws["draft"]
+    assert all(k["max_model_len"] == 512 and k["block_size"] == 64 and k["enable_prefix_caching"] for k in kws.values())
+    assert kws["prm"]["runner"] == "pooling" and kws["prm"]["pooler_config"]["seq_pooling_type"] == "LAST"
+
+    cpu = make_config("engine=vllm", "run.batch_size=8")
+    plan = memory_plan(cpu, roles, 8)
+    for r in roles:
+        kw = engine_kwargs(cpu, r, plan)
+        row = next(p for p in plan if p["role"] == r)
+        assert "gpu_memory_utilization" not in kw
+        assert kw["kv_cache_memory_bytes"] == max(row["kv_bytes"], row["kv_bytes_per_token"] * row["max_context"])
+        assert kw["block_size"] == 32  # the CPU's smallest: short step prefixes still hit the cache

@@ -62,7 +62,8 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
     batch, out, caches, chunks = _feed_chunks(lm, seqs)
     outs = [[StepOut([], "")] for _ in seqs]
     made = [0] * len(seqs)  # tokens each row has sampled in this call
-    logits = out.logits[:, -1]
+    vocab = lm.vocab_limit  # ids every model sharing the sequence can embed: never sample past them
+    logits = out.logits[:, -1, :vocab]
     while True:
         live = batch.rows
         if keep_probs:
@@ -99,7 +100,7 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
         out = batch.forward_next(fed)
         lm.synchronize()
         share = (time.perf_counter() - t0) / len(keep)
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1, :vocab]
         for i in batch.rows:
             cost = seqs[i].ledger.role(role)
             # The token just fed attends to the cache it found plus itself.
@@ -113,7 +114,7 @@ def score_tokens(lm, seqs: list[Seq], proposals: list[list[int]]) -> list[torch.
     covers the proposal."""
     n = max(len(p) for p in proposals) + 1
     batch, out, _, _ = _feed_chunks(lm, seqs, extra=proposals, logits_to_keep=n)
-    logits = out.logits.float()
+    logits = out.logits[..., :lm.vocab_limit].float()
     result = []
     for b, (s, p) in enumerate(zip(seqs, proposals)):
         s.kv[lm.role] = batch.extract(b)

@@ -80,6 +80,11 @@ def engine_kwargs(cfg, role: str, plan: list[dict]) -> dict:
     tp = e.tensor_parallel_size or cfg.launcher.gpus_per_task
     if role == "target" and tp and tp > 1:
         kw["tensor_parallel_size"] = tp
+    if role != "prm":
+        limit = _vocab_limit(cfg)
+        if limit:  # ids past the smaller of the draft's and target's vocabularies are never sampled
+            kw.update(hf_overrides={"rsd_vocab_limit": limit},
+                      logits_processors=["rsd_batch.engine.vllm_ext:VocabLimit"])
     if role == "prm":
         # The backbone as an embedding model returning the last token's hidden state as is (no
         # normalisation); the adapter applies its own head. Read as its family's causal LM, since vLLM
@@ -90,8 +95,23 @@ def engine_kwargs(cfg, role: str, plan: list[dict]) -> dict:
     return kw
 
 
+def _vocab_limit(cfg) -> int | None:
+    """The smaller vocabulary of the configured draft and target, when they differ (None otherwise)."""
+    from transformers import AutoConfig
+
+    sizes = []
+    for role in ("draft", "target"):
+        node = cfg.model[role]
+        try:
+            conf = AutoConfig.from_pretrained(node.path, revision=node.revision, trust_remote_code=node.trust_remote_code)
+        except (OSError, ValueError):  # a method that does not use this role need not have it
+            continue
+        sizes.append(conf.get_text_config().vocab_size)
+    return min(sizes) if len(set(sizes)) > 1 else None
+
+
 def _backbone_arch(node) -> str:
-    """The vLLM architecture that loads a PRM checkpoint's backbone (engine/vllm_backbones.py for Qwen2,
+    """The vLLM architecture that loads a PRM checkpoint's backbone (engine/vllm_ext.py for Qwen2,
     whose published PRMs carry extra head tensors; else the family's causal LM)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -99,7 +119,7 @@ def _backbone_arch(node) -> str:
 
     config = AutoConfig.from_pretrained(node.path, revision=node.revision, trust_remote_code=node.trust_remote_code)
     if config.model_type == "qwen2":
-        ModelRegistry.register_model("RsdQwen2PrmBackbone", "rsd_batch.engine.vllm_backbones:Qwen2PrmBackbone")
+        ModelRegistry.register_model("RsdQwen2PrmBackbone", "rsd_batch.engine.vllm_ext:Qwen2PrmBackbone")
         return "RsdQwen2PrmBackbone"
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
 
@@ -145,7 +165,7 @@ def load_policy(cfg, role: str, plan: list[dict]):
     return models.LoadedModel(role=role, model=llm, tokenizer=tok, cost=CostModel.from_config(config),
                               device=torch.device("cpu"), max_context=models.context_of(node, config),
                               eos_ids=eos, pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(eos),
-                              backend=_this_module())
+                              backend=_this_module(), vocab_size=config.get_text_config().vocab_size)
 
 
 def load_prm(cfg, plan: list[dict]):
@@ -220,7 +240,8 @@ def _generate(lm, seqs: list[Seq], params: SamplingParams, stop: list[str] | Non
         temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
         top_k=params.top_k if params.top_k > 0 else 0, seed=None if params.greedy else _seed(s, lm.role),
         max_tokens=n, stop=stop, include_stop_str_in_output=True, stop_token_ids=sorted(lm.eos_ids),
-        skip_special_tokens=True) for s, n in zip(seqs, max_tokens)]
+        skip_special_tokens=True, detokenize=stop is not None)  # steps are cut from token ids, not vLLM's text
+        for s, n in zip(seqs, max_tokens)]
     t0 = time.perf_counter()
     outs = lm.model.generate([TokensPrompt(prompt_token_ids=list(s.tokens)) for s in seqs], sps, use_tqdm=False)
     return outs, time.perf_counter() - t0

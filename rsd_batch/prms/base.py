@@ -104,27 +104,68 @@ def read_lm_head_rows(path: str, rows: Sequence[int], revision: str | None = Non
                      "is this the right prm.format for it?")
 
 
-def read_tensors(path: str, names: Sequence[str], revision: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors by their checkpoint names, from a local folder or a hub id (single or sharded safetensors)."""
-    from safetensors import safe_open
+# The layouts checkpoints are published in, in the order from_pretrained prefers them: an index that
+# maps each tensor to its shard, or one file. Skywork-o1-Open-PRM ships pytorch_model.bin only.
+WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
+                  "pytorch_model.bin.index.json", "pytorch_model.bin")
 
+
+def _weights_folder(path: str, revision: str | None) -> Path:
+    """The local folder holding `path`'s weights; for a hub id, only the files of its layout are fetched."""
     folder = Path(path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-        folder = Path(snapshot_download(path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        where = json.loads(index.read_text())["weight_map"]
-        files = {n: folder / where[n] for n in names if n in where}
-    else:
-        files = {n: folder / "model.safetensors" for n in names}
-    out = {}
-    for name, file in files.items():
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = set(HfApi().list_repo_files(path, revision=revision))
+    layout = next((name for name in WEIGHT_LAYOUTS if name in files), None)
+    if layout is None:
+        raise ValueError(f"{path}: the hub repository has none of {', '.join(WEIGHT_LAYOUTS)}")
+    shards = "*.safetensors" if "safetensors" in layout else "pytorch_model*.bin"
+    return Path(snapshot_download(path, revision=revision, allow_patterns=[layout, shards, "*.json"]))
+
+
+def _tensor_files(folder: Path) -> dict[str, Path] | list[Path]:
+    """Tensor name -> file from an index, or the single weights file as a one-item list."""
+    for layout in WEIGHT_LAYOUTS:
+        if (folder / layout).exists():
+            if layout.endswith(".index.json"):
+                return {n: folder / f for n, f in json.loads((folder / layout).read_text())["weight_map"].items()}
+            return [folder / layout]
+    raise ValueError(f"{folder} has no weights: none of {', '.join(WEIGHT_LAYOUTS)} is there. Point the path "
+                     "at the folder save_pretrained wrote (or the hub snapshot), with its weight files")
+
+
+def _read_file(file: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
         with safe_open(str(file), framework="pt") as f:
-            if name in f.keys():
-                out[name] = f.get_tensor(name)
+            return {n: f.get_tensor(n) for n in names & set(f.keys())}
+    # .bin: tensors only, never arbitrary pickled objects; mmap keeps a 15 GB shard off the heap.
+    state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    return {n: state[n] for n in names & set(state)}
+
+
+def read_tensors(path: str, names: Sequence[str], revision: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors by their checkpoint names, from a local folder or a hub id, in any published layout:
+    model.safetensors, sharded safetensors with model.safetensors.index.json, pytorch_model.bin, or
+    sharded .bin with pytorch_model.bin.index.json."""
+    folder = _weights_folder(path, revision)
+    where = _tensor_files(folder)
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(where, dict):
+        by_file: dict[Path, set[str]] = {}
+        for n in names:
+            if n in where:
+                by_file.setdefault(where[n], set()).add(n)
+        for file, wanted in by_file.items():
+            out.update(_read_file(file, wanted))
+    else:
+        out.update(_read_file(where[0], set(names)))
     missing = [n for n in names if n not in out]
     if missing:
-        raise ValueError(f"{path}: the checkpoint has no tensor {', '.join(missing)}; is this the right "
-                         "prm.format for it?")
+        searched = ", ".join(sorted({p.name for p in (where.values() if isinstance(where, dict) else where)}))
+        raise ValueError(f"{path}: the checkpoint has no tensor {', '.join(missing)} (looked in {searched}); "
+                         "is this the right prm.format for it?")
     return out
