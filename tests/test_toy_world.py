@@ -263,6 +263,8 @@ def test_model_folders_small_and_standard():
         folder = MODELS / role
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["architectures"] == ["Qwen2ForCausalLM"]
+        # vLLM's Qwen2 uses hidden_size / num_attention_heads as head_dim; its CPU attention takes 32, 64, 80, ...
+        assert cfg["hidden_size"] / cfg["num_attention_heads"] in {32, 64}, (role, cfg["hidden_size"])
         assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
         assert (folder / "train_report.json").exists()
         total += sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
