@@ -48,6 +48,9 @@ def _run(engines, engine: str, tasks, *overrides, batch_size: int = 16):
     cfg = make_config(*overrides)
     method = get_method(cfg.method.name.value)
     models = {r: engines[engine][r] for r in method.roles(cfg.method)}
+    if engine == "vllm":  # a cold prefix cache: what one run computes does not depend on the last one
+        for r, m in models.items():
+            (m.engine if r == "prm" else m.model).reset_prefix_cache()
     ctx = Context(models, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
     return {(t.id, t.sample_index): r for t, r in method.run(tasks, ctx)}
 
