@@ -103,7 +103,7 @@ class EngineConfig:
     # (not a memory share) is what works with several engines in one process.
     kv_cache_memory_bytes: Optional[int] = None
     max_model_len: Optional[int] = None  # null: the model's context (model.<role>.max_context)
-    enforce_eager: bool = False  # true: no CUDA graphs / compilation (fast start, the CPU default)
+    enforce_eager: Optional[bool] = None  # true: no CUDA graphs / compilation; null: true on a CPU only
     tensor_parallel_size: Optional[int] = None  # the target's; null: launcher.gpus_per_task
     block_size: Optional[int] = None  # KV block (prefix-cache granularity); null: vLLM's default
     enable_prefix_caching: bool = True

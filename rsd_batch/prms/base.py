@@ -104,6 +104,28 @@ def read_lm_head_rows(path: str, rows: Sequence[int], revision: str | None = Non
                      "is this the right prm.format for it?")
 
 
+def encode_after(tokenizer, context: str, text: str) -> list[int]:
+    """The tokens `text` gets when it follows `context` in one encoded string (no special tokens).
+
+    SentencePiece puts a "▁" at the start of every separate `encode` call, so encoding a step on its
+    own is not what the model card's whole-string encoding gives it; the tokens that `context + text`
+    adds to `context` are. Should the boundary token itself change (a merge across it), the tokens
+    after the common prefix are taken.
+    """
+    both = tokenizer.encode(context + text, add_special_tokens=False)
+    head = tokenizer.encode(context, add_special_tokens=False)
+    n = 0
+    while n < min(len(both), len(head)) and both[n] == head[n]:
+        n += 1
+    return both[n:]
+
+
+def without_delimiter(step: str, delimiter: str = "\n\n") -> str:
+    """A step as `response.split(delimiter)` gives it to the official scoring code: the trailing
+    delimiter gone, every other character (a space before it too) kept."""
+    return step[: -len(delimiter)] if step.endswith(delimiter) else step
+
+
 # The layouts checkpoints are published in, in the order from_pretrained prefers them: an index that
 # maps each tensor to its shard, or one file. Skywork-o1-Open-PRM ships pytorch_model.bin only.
 WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",

@@ -1,8 +1,10 @@
 """Math-Shepherd format PRM adapter (peiyi9979/math-shepherd-mistral-7b-prm and the toy PRM).
 
-Input: ``problem + " " + "".join(step.strip() + " ки\\n" for step in steps)``; the reward of step
-``i`` is read from the causal-LM logits AT the ``i``-th ``ки`` token: ``P("+") / (P("+") + P("-"))``,
-i.e. the softmax over the two candidate logits.
+Input, as the model card encodes it: ``tokenizer.encode(problem + " " + "".join(step.strip() + " ки\\n"
+for step in steps))`` — one string, with special tokens (BOS for Mistral). The reward of step ``i`` is
+read from the causal-LM logits AT the ``i``-th ``ки`` token: ``P("+") / (P("+") + P("-"))``, i.e. the
+softmax over the two candidate logits. Scored incrementally, each step gets exactly the tokens the
+whole-string encoding gives it (`encode_after`), so incremental scoring equals full scoring.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .base import PRMAdapter, read_lm_head_rows
+from .base import PRMAdapter, encode_after, read_lm_head_rows
 
 STEP_TAG = "ки"
 GOOD_TOKEN = "+"
@@ -64,12 +66,13 @@ class MathShepherdPRM(PRMAdapter):
     # -- the incremental interface the engine uses (rsd_batch/engine/steps.py: score_steps) --------
 
     def prefix_ids(self, problem: str) -> list[int]:
-        return self.tokenizer.encode(problem, add_special_tokens=False)
+        return self.tokenizer.encode(problem, add_special_tokens=True)  # BOS, as the card's encode adds
 
     def step_ids(self, problem: str, step: str, index: int) -> tuple[list[int], int]:
-        """Tokens of step `index` (0-based) with its tag, and where the tag is among them."""
+        """Tokens of step `index` (0-based) with its tag, and where the tag is among them: what the
+        whole string's encoding gives them after the problem (step 0) or after the previous tag line."""
         text = (" " if index == 0 else "") + step.strip() + f" {self.step_tag}\n"
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = encode_after(self.tokenizer, problem if index == 0 else f" {self.step_tag}\n", text)
         return ids, len(ids) - 1 - ids[::-1].index(self.step_tag_id)
 
     @property

@@ -1,7 +1,8 @@
 """Qwen2.5-Math-PRM-7B/72B: a Qwen2 backbone with a 2-way token-classification head.
 
 Input: the chat template with the system prompt, the problem as the user turn, and the steps as the
-assistant turn, each followed by `<extra_0>`; reward = softmax over the two logits at each `<extra_0>`,
+assistant turn, each followed by `<extra_0>` — as the model card's `"<extra_0>".join(steps)`, the steps
+as `response.split("\\n\\n")` gives them (the delimiter gone, other whitespace kept); reward = softmax over the two logits at each `<extra_0>`,
 positive class. Native: the backbone loads as Qwen2Model and the head (`score.0`, ReLU, `score.2`)
 from the checkpoint's tensors, so `trust_remote_code` is not needed.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import PRMAdapter, read_tensors
+from .base import PRMAdapter, read_tensors, without_delimiter
 
 HEAD = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -46,7 +47,7 @@ class QwenPRM(PRMAdapter):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def step_ids(self, problem: str, step: str, index: int) -> tuple[list[int], int]:
-        ids = self.tokenizer.encode(step.strip() + self.step_tag, add_special_tokens=False)
+        ids = self.tokenizer.encode(without_delimiter(step) + self.step_tag, add_special_tokens=False)
         return ids, len(ids) - 1 - ids[::-1].index(self.step_tag_id)
 
     def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:

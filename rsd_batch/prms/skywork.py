@@ -1,15 +1,16 @@
 """Skywork-o1-Open-PRM (Qwen2.5-1.5B/7B): a Qwen2 backbone with a scalar value head.
 
-Input: bos + problem + "\\n", then each step (its own text, trailing whitespace dropped) followed by
-the step token (the last token of "\\n\\n"); reward = sigmoid(value) at each step token. The head is
-read from the checkpoint's own tensors `v_head.summary.weight` / `v_head.summary.bias`, which the
+Input, as Skywork's `prepare_input`: bos + problem + "\\n", then each step as `response.split("\\n\\n")`
+gives it (the delimiter gone; a space before it, which the official RSD path keeps, kept), encoded on
+its own and followed by the step token (the last token of "\\n\\n"); reward = sigmoid(value) at each
+step token. The head is read from the checkpoint's own tensors `v_head.summary.weight` / `v_head.summary.bias`, which the
 published checkpoints keep beside the backbone (`model.*`); no remote code.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import PRMAdapter, read_tensors
+from .base import PRMAdapter, read_tensors, without_delimiter
 
 HEAD = ("v_head.summary.weight", "v_head.summary.bias")
 
@@ -42,7 +43,7 @@ class SkyworkPRM(PRMAdapter):
         return self.tokenizer.encode((self.tokenizer.bos_token or "") + problem + "\n", add_special_tokens=False)
 
     def step_ids(self, problem: str, step: str, index: int) -> tuple[list[int], int]:
-        ids = self.tokenizer.encode(step.rstrip(), add_special_tokens=False) + [self.step_token_id]
+        ids = self.tokenizer.encode(without_delimiter(step), add_special_tokens=False) + [self.step_token_id]
         return ids, len(ids) - 1
 
     def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
