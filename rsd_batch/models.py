@@ -35,6 +35,7 @@ class LoadedModel:
     # Ids it may sample: the smallest vocabulary of the models that share its sequences (Qwen2.5-Math
     # 1.5B has 151,936 rows, 7B/72B 152,064; an id past the draft's rows would crash it). share_vocab sets it.
     vocab_limit: int = 0
+    kv_peak_bytes: int = 0  # engine=hf: the most KV bytes one step of this model held at once
 
     def __post_init__(self):
         if self.backend is None:
@@ -115,6 +116,33 @@ def share_vocab(models: dict) -> None:
             p.vocab_limit = limit
 
 
+# The layouts checkpoints are published in, in the order from_pretrained prefers them: an index that
+# maps each tensor to its shard, or one file. Skywork-o1-Open-PRM ships pytorch_model.bin only.
+WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
+                  "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def check_model_files(cfg, roles) -> None:
+    """Before anything loads: each role's path is a folder with a config and weights in a published
+    layout, or a hub id ("org/name"). A missing file is named, with what to do."""
+    from pathlib import Path
+
+    for role in roles:
+        node, key = (cfg.prm, "prm.path") if role == "prm" else (cfg.model[role], f"model.{role}.path")
+        folder = Path(node.path).expanduser()
+        if folder.is_dir():
+            if not (folder / "config.json").exists():
+                raise ModelLoadError(f"{key}={node.path!r} has no config.json: point it at the folder "
+                                     "save_pretrained (or a hub snapshot) wrote")
+            if not any((folder / name).exists() for name in WEIGHT_LAYOUTS):
+                raise ModelLoadError(f"{key}={node.path!r} has no weights: none of {', '.join(WEIGHT_LAYOUTS)} "
+                                     "is there (a download that stopped early?). Copy the weight files "
+                                     "into it, or give the hub id")
+        elif node.path.startswith(("/", ".", "~")) or node.path.count("/") != 1:
+            raise ModelLoadError(f"{key}={node.path!r}: no such folder, and not a hub id (org/name). Give an "
+                                 "existing local folder or a hub id")
+
+
 def eos_ids(path: str, tok, generation_config) -> frozenset[int]:
     """Every id that ends generation: the tokenizer's EOS and generation_config's (one or a list)."""
     eos = set()
@@ -160,14 +188,42 @@ def render_prompt(tokenizer, problem: str, cfg: PromptConfig) -> str:
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
+# How many copies of a decoding model's KV the HF engine can hold at once, per sequence in flight: the
+# rows' own caches, the batch gathered from them (padded to the longest row) with up to as much spare
+# room again as it grows, and the caches extracted from it before the step returns. The engine counts
+# what it holds (`LoadedModel.kv_peak_bytes`); tests/test_engine.py checks it stays under this.
+HF_KV_COPIES = 4
+
+
+def physical_devices(cfg, role: str) -> list[str]:
+    """The devices a role's weights and KV really sit on: `cuda` is the current GPU (cuda:0 unless set),
+    `device_map=auto` spreads over every visible GPU, a vLLM target over its tensor-parallel GPUs."""
+    node = cfg.prm if role == "prm" else cfg.model[role]
+    gpus = torch.cuda.device_count()
+    if getattr(node, "device_map", None):
+        return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    device = node.device
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device() if gpus else 0}"
+    engine = getattr(cfg, "engine", None)
+    if engine is not None and str(engine.name) == "vllm" and role == "target" and device.startswith("cuda"):
+        tp = engine.tensor_parallel_size or cfg.launcher.gpus_per_task or 1
+        if tp > 1:
+            return [f"cuda:{i}" for i in range(tp)]
+    return [device]
+
+
 def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
     """Weights and KV-cache budget of each model the method uses, from configs alone (meta device).
 
     The KV budget assumes every sequence in flight (`batch_size`) reaches the context it may use:
-    min(max_context, max_new_tokens + 2048 prompt tokens) — an upper bound, so a fit is a fit.
+    min(max_context, max_new_tokens + 2048 prompt tokens), times the copies the engine can hold at
+    once (HF_KV_COPIES on engine=hf; vLLM holds one) — an upper bound, so a fit is a fit.
     """
     from transformers import AutoConfig
 
+    engine = getattr(cfg, "engine", None)
+    copies = 1 if engine is not None and str(engine.name) == "vllm" else HF_KV_COPIES
     plan = []
     for role in roles:
         node = cfg.prm if role == "prm" else cfg.model[role]
@@ -186,10 +242,12 @@ def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
         per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * _BYTES.get(dtype, 4)
         limit = getattr(node, "max_context", None) or getattr(text, "max_position_embeddings", 4096)
         context = min(limit, cfg.method.max_new_tokens + 2048)
-        plan.append({"role": role, "device": "auto" if getattr(node, "device_map", None) else node.device,
+        devices = physical_devices(cfg, role)
+        plan.append({"role": role, "device": ",".join(devices), "devices": devices,
                      "params": params, "weights_bytes": params * _BYTES.get(dtype, 4),
-                     "kv_bytes": per_token * context * batch_size, "kv_bytes_per_token": per_token,
-                     "context": context, "max_context": limit, "dtype": str(dtype).replace("torch.", ""),
+                     "kv_bytes": per_token * context * batch_size * copies, "kv_bytes_per_token": per_token,
+                     "kv_copies": copies, "context": context, "max_context": limit,
+                     "dtype": str(dtype).replace("torch.", ""),
                      "flops_per_token": cost.forward_flops(1, 0) if cost else None})
     return plan
 
@@ -211,18 +269,26 @@ def free_bytes(device: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(plan: list[dict], headroom: float = 0.9) -> str:
-    """The plan as a table; raises ModelLoadError, before anything loads, when a device cannot hold it."""
-    lines = [f"{'role':<7} {'device':<7} {'dtype':<9} {'params':>10} {'weights':>9} {'KV budget':>10} {'context':>8}"]
+def device_needs(plan: list[dict]) -> dict[str, int]:
+    """Bytes the plan puts on each physical device (a role on several devices: an even share each)."""
     need: dict[str, int] = {}
     for p in plan:
-        lines.append(f"{p['role']:<7} {p['device']:<7} {p['dtype']:<9} {p['params'] / 1e6:>9,.1f}M "
+        for device in p["devices"]:
+            need[device] = need.get(device, 0) + (p["weights_bytes"] + p["kv_bytes"]) // len(p["devices"])
+    return need
+
+
+def check_memory(plan: list[dict], headroom: float = 0.9) -> str:
+    """The plan as a table; raises ModelLoadError, before anything loads, when a device cannot hold it.
+    Each physical device is checked once, against everything placed on it (a role spread over several
+    devices puts an even share on each)."""
+    lines = [f"{'role':<7} {'device':<13} {'dtype':<9} {'params':>10} {'weights':>9} {'KV budget':>10} {'context':>8}"]
+    for p in plan:
+        lines.append(f"{p['role']:<7} {p['device']:<13} {p['dtype']:<9} {p['params'] / 1e6:>9,.1f}M "
                      f"{p['weights_bytes'] / 2**30:>7.2f}GB {p['kv_bytes'] / 2**30:>8.2f}GB {p['context']:>8}")
-        if p["device"] != "auto":  # accelerate places device_map models itself
-            need[p["device"]] = need.get(p["device"], 0) + p["weights_bytes"] + p["kv_bytes"]
     table = "\n".join(lines)
-    for device, total in need.items():
-        free = free_bytes(device if device != "cuda" else "cuda:0")
+    for device, total in device_needs(plan).items():
+        free = free_bytes(device)
         if total > headroom * free:
             raise ModelLoadError(
                 f"memory plan: {device} needs {total / 2**30:.1f} GB (weights + KV budget) but has "

@@ -340,9 +340,10 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
     method = get_method(cfg.method.name.value)
-    from .models import check_memory, memory_plan, share_vocab
+    from .models import check_memory, check_model_files, memory_plan, share_vocab
 
-    # Before anything is written or loaded: will the models and their caches fit?
+    # Before anything is written or loaded: are the model files there, and will they and their caches fit?
+    check_model_files(cfg, method.roles(cfg.method))
     log.info("memory plan (weights + KV budget for %d sequences in flight):\n%s", cfg.run.batch_size,
              check_memory(memory_plan(cfg, method.roles(cfg.method), cfg.run.batch_size)))
     fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))

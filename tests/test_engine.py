@@ -273,3 +273,26 @@ def test_no_id_past_the_smaller_vocabulary_is_ever_sampled(tiny_run_args, wide_t
         out = run_method(tiny_run_args, *SAMPLED, f"method={method}", f"model.target.path={wide_target}",
                          "method.weighting=linear", tasks=tasks)
         assert len(out) == len(tasks) and all(r.error is None for r in out.values())
+
+
+def test_kv_held_stays_inside_the_memory_plan(toy_problems):
+    """The HF engine counts the KV bytes a step holds at its peak (every copy: the rows' caches, the
+    gathered batch with its spare room, the extracted caches); the plan's budget per sequence bounds
+    it for the real lengths, and the count is not a loose guess: it exceeds one copy."""
+    import json
+    from rsd_batch.models import HF_KV_COPIES, memory_plan
+
+    cfg = make_config("method=target_only", "method.max_new_tokens=96", "run.batch_size=16")
+    rows = [json.loads(line) for line in toy_problems.read_text().splitlines()[:16]]
+    tasks = [Task(r["id"], 0, r["problem"]) for r in rows]
+    models = load_models(cfg, ("target",))
+    done = {t.id: r for t, r in get_method("target_only").run(
+        tasks, Context(models, cfg.method, cfg.prompt, 0, 16))}
+    plan = {p["role"]: p for p in memory_plan(cfg, ("target",), 16)}["target"]
+    lm = models["target"]
+    lengths = [len(lm.encode(render_prompt(lm.tokenizer, t.problem, cfg.prompt))) + done[t.id].ledger.target.generated_tokens
+               for t in tasks]
+    per_token = plan["kv_bytes_per_token"]
+    assert plan["kv_copies"] == HF_KV_COPIES and plan["devices"] == ["cpu"]
+    assert per_token * sum(lengths) < lm.kv_peak_bytes <= per_token * max(lengths) * len(tasks) * HF_KV_COPIES
+    assert plan["kv_bytes"] >= per_token * max(lengths) * len(tasks) * HF_KV_COPIES

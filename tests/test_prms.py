@@ -133,3 +133,20 @@ def test_a_folder_without_weights_says_what_it_looked_for(prm_folders, tmp_path)
     shutil.copytree(prm_folders["skywork"], empty, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(ModelLoadError, match="pytorch_model.bin"):
         load("skywork", {"skywork": str(empty)})
+
+
+def test_missing_model_files_are_named_before_anything_loads(prm_folders, tmp_path):
+    import shutil
+    from rsd_batch.models import ModelLoadError, check_model_files
+
+    half = tmp_path / "half_downloaded"
+    shutil.copytree(prm_folders["skywork"], half, ignore=shutil.ignore_patterns("*.safetensors"))
+    cases = {str(half): "has no weights: none of model.safetensors.index.json, model.safetensors, "
+                        "pytorch_model.bin.index.json, pytorch_model.bin",
+             str(tmp_path / "nowhere"): "no such folder, and not a hub id",
+             str(tmp_path): "has no config.json"}
+    for path, message in cases.items():
+        cfg = make_config("prm.format=skywork", f"prm.path={path}")
+        with pytest.raises(ModelLoadError, match=message.replace(".", r"\.")):
+            check_model_files(cfg, ("prm",))
+    check_model_files(make_config("prm.path=Skywork/Skywork-o1-Open-PRM-Qwen-2.5-7B"), ("prm",))  # a hub id passes

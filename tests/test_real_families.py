@@ -85,3 +85,24 @@ def test_memory_plan_of_the_paper_pair(real_shapes):
                         "method.max_new_tokens=256")
     table = check_memory(memory_plan(small, ("target",), batch_size=1))
     assert "target" in table and "bfloat16" in table
+
+
+def test_memory_plan_checks_each_physical_device_once(real_shapes):
+    """`cuda` and `cuda:0` are one GPU: their needs add up there; a device_map=auto target is counted,
+    spread over every visible GPU (the CPU when there is none); a vLLM target over its TP GPUs."""
+    from rsd_batch.models import device_needs, physical_devices
+
+    cfg = make_config("method=rsd", f"model.draft.path={real_shapes['draft']}", f"model.target.path={real_shapes['target']}",
+                      f"prm.path={real_shapes['prm']}", "prm.format=skywork", "model.draft.device=cuda",
+                      "model.target.device=cuda:0", "prm.device=cuda", "model.draft.dtype=bfloat16",
+                      "model.target.dtype=bfloat16", "prm.dtype=bfloat16")
+    plan = memory_plan(cfg, ("draft", "target", "prm"), batch_size=8)
+    assert {p["role"]: p["devices"] for p in plan} == {"draft": ["cuda:0"], "target": ["cuda:0"], "prm": ["cuda:0"]}
+    assert device_needs(plan) == {"cuda:0": sum(p["weights_bytes"] + p["kv_bytes"] for p in plan)}
+    auto = make_config(f"model.target.path={real_shapes['target']}", "model.target.device_map=auto")
+    assert physical_devices(auto, "target") == ["cpu"]  # no GPU visible here: accelerate puts it on the CPU
+    tp = make_config("engine=vllm", "model.target.device=cuda", "launcher.gpus_per_task=4")
+    assert physical_devices(tp, "target") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    split = [{"role": "target", "devices": ["cuda:0", "cuda:1"], "weights_bytes": 10, "kv_bytes": 6},
+             {"role": "draft", "devices": ["cuda:1"], "weights_bytes": 3, "kv_bytes": 1}]
+    assert device_needs(split) == {"cuda:0": 8, "cuda:1": 12}

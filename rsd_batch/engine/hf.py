@@ -93,6 +93,10 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
                     outs[i].append(StepOut([], ""))
                 keep.append(b)
         if not keep:
+            # What this step held at its peak: the batch's cache, the rows' caches it was gathered
+            # from, and the caches extracted from it (the memory plan's HF_KV_COPIES bounds this).
+            held = batch.nbytes() + sum(c.nbytes() for c in caches) + sum(s.kv[role].nbytes() for s in seqs)
+            lm.kv_peak_bytes = max(lm.kv_peak_bytes, held)
             return outs
         batch.keep(keep)
         fed = [tokens[b] for b in keep]

@@ -29,6 +29,9 @@ class RowKV:
             self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
             self.length = length
 
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
     def copy(self) -> "RowKV":
         """A copy sharing the tensors (they are never changed in place)."""
         return RowKV(list(self.layers), self.length)
@@ -166,6 +169,17 @@ class KVBatch:
                            torch.cat([v[b, :, cached_from:past], v[b, :, chunk_from:]], dim=1)))
         length = layers[0][0].shape[1] if layers else 0
         return RowKV(layers, length)
+
+    def nbytes(self) -> int:
+        """Bytes the batch's cache holds, spare room included."""
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            k = getattr(layer, "buf_k", None)
+            if k is not None:
+                total += k.nbytes + layer.buf_v.nbytes
+            elif getattr(layer, "keys", None) is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
 
     def keep(self, positions: list[int]) -> None:
         """Keep only these batch positions (others have finished and taken their caches)."""

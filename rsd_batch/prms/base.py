@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from ..models import WEIGHT_LAYOUTS
+
 
 class PRMAdapter(ABC):
     pad_id: int
@@ -124,12 +126,6 @@ def without_delimiter(step: str, delimiter: str = "\n\n") -> str:
     """A step as `response.split(delimiter)` gives it to the official scoring code: the trailing
     delimiter gone, every other character (a space before it too) kept."""
     return step[: -len(delimiter)] if step.endswith(delimiter) else step
-
-
-# The layouts checkpoints are published in, in the order from_pretrained prefers them: an index that
-# maps each tensor to its shard, or one file. Skywork-o1-Open-PRM ships pytorch_model.bin only.
-WEIGHT_LAYOUTS = ("model.safetensors.index.json", "model.safetensors",
-                  "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 def _weights_folder(path: str, revision: str | None) -> Path:
