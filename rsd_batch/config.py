@@ -233,6 +233,7 @@ class RunConfig:
     progress: bool = True
     progress_every_s: float = 30.0  # off a terminal (a SLURM log): log the progress line this often
     dry_run: bool = False  # print the plan (shards, samples, estimated cost), submit nothing
+    threads: Optional[int] = None  # torch threads of a local run; null: the cores this process may use
 
 
 class CalibrateGoal(Choice):

@@ -6,9 +6,11 @@ Forward FLOPs per token (Kaplan et al. 2020, "Scaling Laws for Neural Language M
 
 N is the number of non-embedding parameters, n_ctx the number of positions the token attends to
 (its own included) and d_attn = n_heads·head_dim. Two choices, stated so they can be argued with:
-  * N leaves out embedding *lookups* (input token and learned position tables) but keeps the output
-    projection (lm_head) even when it is tied to the input embedding: it is a real d_model×vocab
-    matmul on every token, and for small models with large vocabularies it dominates.
+  * N leaves out embedding *lookups* (input token and learned position tables). The output projection
+    (lm_head, tied to the input embedding or not) is a real d_model×vocab matmul, but only where logits
+    are computed: a prefill computes them for its last token only, a decode for its one token, the
+    PRM for none (it reads hidden states), a speculative verification for every proposed position.
+    So it is charged per position that computes logits (`logits`), not per token processed.
   * n_ctx is the real context of each token, not the model's maximum: prefilling P tokens after
     `past` cached ones costs Σ_{i=1..P} [2N + 2·L·(past+i)·d_attn]; a decode step is the P=1 case.
 
@@ -26,16 +28,20 @@ ROLES = ("draft", "target", "prm")
 
 @dataclass(frozen=True)
 class CostModel:
-    non_embedding_params: int
+    non_embedding_params: int  # the lm_head included
     n_layers: int
     d_attn: int
+    head_params: int = 0  # the lm_head's share of non_embedding_params
 
-    def forward_flops(self, n_tokens: int, n_past: int = 0) -> int:
-        """FLOPs to run `n_tokens` new tokens through the model on top of `n_past` cached ones."""
+    def forward_flops(self, n_tokens: int, n_past: int = 0, logits: int | None = None) -> int:
+        """FLOPs to run `n_tokens` new tokens through the model on top of `n_past` cached ones,
+        computing logits at `logits` of them (None: all of them)."""
         if n_tokens <= 0:
             return 0
+        logits = n_tokens if logits is None else logits
         attended = n_tokens * n_past + n_tokens * (n_tokens + 1) // 2  # Σ (past + i)
-        return 2 * self.non_embedding_params * n_tokens + 2 * self.n_layers * self.d_attn * attended
+        body = self.non_embedding_params - self.head_params
+        return 2 * body * n_tokens + 2 * self.head_params * logits + 2 * self.n_layers * self.d_attn * attended
 
     @classmethod
     def from_config(cls, config, auto_class: str = "AutoModelForCausalLM") -> "CostModel":
@@ -64,7 +70,7 @@ class CostModel:
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return cls(non_embedding_params=int(n), n_layers=int(cfg.num_hidden_layers),
-                   d_attn=int(n_heads * head_dim))
+                   d_attn=int(n_heads * head_dim), head_params=int(out.weight.numel()) if out is not None else 0)
 
 
 @dataclass
@@ -83,13 +89,15 @@ class RoleCost:
     def flops(self) -> int:
         return self.prefill_flops + self.decode_flops
 
-    def add_prefill(self, cost: CostModel, n_tokens: int, n_past: int) -> None:
+    def add_prefill(self, cost: CostModel, n_tokens: int, n_past: int, logits: int = 1) -> None:
+        """A prefill of `n_tokens` after `n_past` cached, computing logits at `logits` positions (a
+        policy: the last one; the PRM: none; a speculative verification: every proposed one)."""
         self.prefill_tokens += n_tokens
-        self.prefill_flops += cost.forward_flops(n_tokens, n_past)
+        self.prefill_flops += cost.forward_flops(n_tokens, n_past, min(logits, n_tokens))
 
     def add_decode(self, cost: CostModel, n_past: int) -> None:
         self.decode_tokens += 1
-        self.decode_flops += cost.forward_flops(1, n_past)
+        self.decode_flops += cost.forward_flops(1, n_past, 1)
 
 
 @dataclass

@@ -127,7 +127,7 @@ def check_model_files(cfg, roles) -> None:
     layout, or a hub id ("org/name"). A missing file is named, with what to do."""
     from pathlib import Path
 
-    for role in roles:
+    for role in model_roles(cfg, roles):
         node, key = (cfg.prm, "prm.path") if role == "prm" else (cfg.model[role], f"model.{role}.path")
         folder = Path(node.path).expanduser()
         if folder.is_dir():
@@ -141,6 +141,11 @@ def check_model_files(cfg, roles) -> None:
         elif node.path.startswith(("/", ".", "~")) or node.path.count("/") != 1:
             raise ModelLoadError(f"{key}={node.path!r}: no such folder, and not a hub id (org/name). Give an "
                                  "existing local folder or a hub id")
+
+
+def model_roles(cfg, roles) -> list[str]:
+    """The roles that load a model: all but the toy world's oracle PRM (the checker, no weights)."""
+    return [r for r in roles if not (r == "prm" and cfg.prm.format == "oracle")]
 
 
 def eos_ids(path: str, tok, generation_config) -> frozenset[int]:
@@ -225,7 +230,7 @@ def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
     engine = getattr(cfg, "engine", None)
     copies = 1 if engine is not None and str(engine.name) == "vllm" else HF_KV_COPIES
     plan = []
-    for role in roles:
+    for role in model_roles(cfg, roles):
         node = cfg.prm if role == "prm" else cfg.model[role]
         try:
             conf = AutoConfig.from_pretrained(node.path, revision=node.revision,

@@ -49,7 +49,7 @@ def test_user_errors_are_one_message_not_a_traceback(tiny_run_args, tmp_path):
     unmerged = cli("merge", *tiny_run_args, check=False)
     assert unmerged.returncode == 2 and "nothing was run there yet" in unmerged.stderr
     no_model = cli("run", *tiny_run_args, "model.target.path=/nope/model", check=False)
-    assert no_model.returncode == 2 and "model.target.path='/nope/model' could not be loaded" in no_model.stderr
+    assert no_model.returncode == 2 and "model.target.path='/nope/model': no such folder" in no_model.stderr
 
 
 def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):

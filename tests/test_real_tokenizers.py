@@ -127,10 +127,11 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role']
 @pytest.fixture(scope="module")
 def real_prms(tmp_path_factory, qwen):
     """A tiny random PRM of each format on its real tokenizer (RLHFlow: Qwen's vocabulary with Llama 3's
-    chat format, since no package ships Llama 3's vocabulary), saved as its authors publish it."""
+    chat format, since no package ships Llama 3's vocabulary), in the weight layout its authors publish:
+    Skywork pytorch_model.bin, Qwen2.5-Math-PRM sharded safetensors, Math-Shepherd sharded .bin."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from prm_checkpoints import _save_with_head
+    from prm_checkpoints import _save_with_head, relayout
 
     root = tmp_path_factory.mktemp("real_prms")
     g = torch.Generator().manual_seed(0)
@@ -164,7 +165,9 @@ def real_prms(tmp_path_factory, qwen):
     model.save_pretrained(str(root / "rlhflow"))
     llama.save_pretrained(str(root / "rlhflow"))
     out["rlhflow"] = str(root / "rlhflow")
-    return out
+    published = {"skywork": "pytorch_model.bin", "qwen_prm": "model.safetensors.index.json",
+                 "math_shepherd": "pytorch_model.bin.index.json", "rlhflow": "model.safetensors.index.json"}
+    return {fmt: relayout(path, root / f"{fmt}_published", published[fmt]) for fmt, path in out.items()}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from rsd_batch.problems import load_problems
 from rsd_batch.runner import RunConfigMismatch, result_paths, run
 from rsd_batch.shards import write_shards
 
-from conftest import make_config
+from conftest import cli, make_config
 
 
 def shard_and_run(args, *more):
@@ -60,9 +60,13 @@ def test_end_to_end_records_and_ledger(tiny_run_args, tiny_models):
     cost = CostModel.from_config(AutoConfig.from_pretrained(tiny_models["target"]))
     r = next(iter(rows.values()))
     t = r["ledger"]["target"]
-    assert t["prefill_flops"] == cost.forward_flops(t["prefill_tokens"], 0)
-    assert t["decode_flops"] == sum(cost.forward_flops(1, t["prefill_tokens"] + i)
-                                    for i in range(t["decode_tokens"]))
+    # The lm_head is charged where logits are computed: once for the prefill (its last token), once per decode.
+    config = AutoConfig.from_pretrained(tiny_models["target"])
+    assert cost.head_params == config.vocab_size * config.hidden_size
+    n, body = t["prefill_tokens"], cost.non_embedding_params - cost.head_params
+    assert t["prefill_flops"] == cost.forward_flops(n, 0, 1) == \
+        2 * body * n + 2 * cost.head_params + 2 * cost.n_layers * cost.d_attn * n * (n + 1) // 2
+    assert t["decode_flops"] == sum(cost.forward_flops(1, n + i, 1) for i in range(t["decode_tokens"]))
     role = summary["roles"]["target"]["total"]
     assert role["generated_tokens"] == sum(x["ledger"]["target"]["generated_tokens"] for x in rows.values())
     assert summary["finish_reasons"] and sum(summary["finish_reasons"].values()) == 24
@@ -155,3 +159,13 @@ def test_shards_from_shares_one_sharding(tiny_run_args, tmp_path):
     assert run(cfg)["ran"] == [0, 1, 2]
     assert merge_run(tmp_path / "other")["samples"] == 24
     shutil.rmtree(tmp_path / "other")
+
+
+def test_local_run_sets_torch_threads(tiny_run_args):
+    import os
+    cli("shard", *tiny_run_args)
+    one = cli("run", *tiny_run_args, "run.threads=1")
+    assert "torch threads: 1 (run.threads)" in one.stdout + one.stderr
+    cores = len(os.sched_getaffinity(0))
+    again = cli("run", *tiny_run_args)  # default: the cores this process may use
+    assert f"torch threads: {cores} (the cores this process may use)" in again.stdout + again.stderr

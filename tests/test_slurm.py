@@ -284,7 +284,7 @@ def test_failing_task_shows_its_error_in_status_without_requeue(tiny_run_args, t
         st = task_state(run_dir, j)
         assert st["state"] == "failed" and st["error_kind"] == "user" and st["attempts"] == 1
         line = next(ln for ln in rep.splitlines() if f" {j} " in ln)
-        assert f"model.target.path='{empty}' could not be loaded" in line
+        assert f"model.target.path='{empty}' has no config.json" in line
     for j in jids:  # never requeued
         show = subprocess.run(["scontrol", "-o", "show", "job", j], capture_output=True, text=True).stdout
         assert " Restarts=0 " in show and "JobState=FAILED" in show, show

@@ -75,3 +75,21 @@ def test_equivalences_on_real_steps(toy):
     assert sum(len(r.steps) for r in target.values()) >= 3 * N  # real multi-step solutions
     sd, _ = run(toy, "method=sd")
     assert {k: r.output for k, r in sd.items()} == {k: r.output for k, r in target.items()}
+
+
+def test_oracle_prm_gives_the_ceiling(toy, three):
+    """prm=oracle (the toy checker as the PRM): RSD at δ=0.7 beats draft_only and is within one point
+    of target_only or better — the method works when the PRM does. It costs nothing itself."""
+    (target, target_acc), (draft, draft_acc), _ = three
+    tasks, gold, models = toy
+    cfg = make_config("run.batch_size=16", "method=rsd", "prm=oracle")
+    oracle = load_models(cfg, ("prm",))["prm"]
+    ctx = Context({"draft": models["draft"], "target": models["target"], "prm": oracle}, cfg.method, cfg.prompt, 0, 16)
+    res = {t.id: r for t, r in get_method("rsd").run(tasks, ctx)}
+    acc = sum(bool(is_correct(extract_answer(r.output), gold[k])) for k, r in res.items()) / len(res)
+    assert acc > draft_acc and acc >= target_acc - 0.01, (acc, draft_acc, target_acc)
+    assert all(r.ledger.prm.flops == 0 and r.ledger.prm.prefill_tokens == 0 for r in res.values())
+    kept = {s.reward for r in res.values() for s in r.steps if s.accepted}
+    rejected = {s.rejected_reward for r in res.values() for s in r.steps if s.rejected_text is not None}
+    assert kept == {1.0} and rejected == {0.0}  # the checker's verdicts, both seen
+    assert _flops(res) < _flops(target)

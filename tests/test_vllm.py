@@ -255,3 +255,40 @@ def test_engine_arguments_come_from_the_memory_plan():
         assert "gpu_memory_utilization" not in kw
         assert kw["kv_cache_memory_bytes"] == max(row["kv_bytes"], row["kv_bytes_per_token"] * row["max_context"])
         assert kw["block_size"] == 32  # the CPU's smallest: short step prefixes still hit the cache
+
+
+def test_no_id_past_the_smaller_vocabulary_on_vllm(tmp_path, toy_tokenizer):
+    """A target with 64 embedding rows more than the draft, its extra ids made likely: on vLLM a
+    logits processor keeps every sampled id inside the draft's vocabulary, so RSD and target_only run."""
+    import torch
+    from rsd_batch.toy.build import new_model, save_model
+
+    model = new_model(toy_tokenizer, seed=5, num_layers=1, hidden_size=64, num_heads=2, initializer_range=0.6)
+    model.resize_token_embeddings(len(toy_tokenizer) + 64, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(toy_tokenizer):] *= 8
+    wide = save_model(model, toy_tokenizer, tmp_path / "wide")
+    cfg = make_config(*VLLM, f"model.target.path={wide}", "method=target_only", "method.temperature=1.0",
+                      "method.max_new_tokens=48")
+    models = load_models(cfg, ("draft", "target"))
+    assert models["target"].vocab_size == len(toy_tokenizer) + 64 == models["target"].vocab_limit + 64
+    from rsd_batch.engine import SamplingParams, Seq, StepStopper, generate_step, sample_generator
+    from rsd_batch.models import render_prompt
+    target = models["target"]
+    rows = [json.loads(line) for line in TOY_TEST.read_text().splitlines()[:16]]
+    drawn = []
+    for k in range(4):
+        seqs = []
+        for i, r in enumerate(rows):
+            ids = target.encode(render_prompt(target.tokenizer, r["problem"], cfg.prompt))
+            seqs.append(Seq(key=i, problem=r["problem"], tokens=ids, prompt_len=len(ids), budget=48,
+                            generators={"target": sample_generator(k, r["id"], 0, "target")}))
+        for out in generate_step(target, seqs, SamplingParams(temperature=1.0), StepStopper(target.tokenizer, "e")):
+            drawn += out.tokens
+    assert len(drawn) > 500 and max(drawn) < len(toy_tokenizer)
+    rsd = make_config(*VLLM, f"model.target.path={wide}", "method=rsd", "method.temperature=1.0",
+                      "method.max_new_tokens=32", "method.weighting=linear")
+    prm = load_models(rsd, ("prm",))
+    out = dict(get_method("rsd").run([Task(r["id"], 0, r["problem"]) for r in rows],
+                                     Context({**models, **prm}, rsd.method, rsd.prompt, 0, 8)))
+    assert len(out) == 16 and all(r.error is None for r in out.values())

@@ -34,7 +34,7 @@ def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, l
     for s, c, chunk in zip(seqs, caches, chunks):
         cost = s.ledger.role(role)
         own = 1 if s.last_writer == role and not extra else 0  # its own last token, as a decode would
-        cost.add_prefill(lm.cost, len(chunk) - own, c.length)
+        cost.add_prefill(lm.cost, len(chunk) - own, c.length, logits_to_keep)
         if own:
             cost.add_decode(lm.cost, c.length + len(chunk) - 1)
         cost.seconds += elapsed * len(chunk) / total
@@ -146,7 +146,7 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
             s = seqs[i]
             before = s.cache("prm").length
             s.kv["prm"] = batch.extract(b)
-            s.ledger.prm.add_prefill(prm.cost, len(chunks[b]), before)
+            s.ledger.prm.add_prefill(prm.cost, len(chunks[b]), before, logits=0)  # hidden states only
             s.ledger.prm.seconds += elapsed * len(chunks[b]) / total
             rewards[i] = scores[b]
     return rewards

@@ -175,8 +175,10 @@ def load_prm(cfg, plan: list[dict]):
     from transformers import AutoConfig
 
     from ..ledger import CostModel
-    from ..prms import PRM_ADAPTERS
+    from ..prms import PRM_ADAPTERS, load_prm as load_hf_prm
 
+    if cfg.prm.format == "oracle":  # the toy checker runs no model
+        return load_hf_prm(cfg.prm)
     adapter = PRM_ADAPTERS[cfg.prm.format].from_pretrained(cfg.prm.path, revision=cfg.prm.revision,
                                                            backbone=False)
     config = AutoConfig.from_pretrained(cfg.prm.path, revision=cfg.prm.revision,
@@ -219,14 +221,16 @@ def _seed(seq: Seq, role: str) -> int:
 
 
 def _charge(lm, seqs: list[Seq], prompts: list[int], cached: list[int], generated: list[int],
-            elapsed: float) -> None:
-    """Per request: prefill of the uncached prompt, then one decode per generated token fed back."""
+            elapsed: float, logits: int | None = 1) -> None:
+    """Per request: prefill of the uncached prompt (logits at its last token, none for the PRM, at every
+    computed position for prompt log-probabilities: `logits` None), then one decode per generated
+    token fed back."""
     role = lm.role
     work = [p - c + max(g - 1, 0) for p, c, g in zip(prompts, cached, generated)]
     total = sum(work) or 1
     for s, p, c, g, w in zip(seqs, prompts, cached, generated, work):
         cost = s.ledger.role(role)
-        cost.add_prefill(lm.cost, p - c, c)
+        cost.add_prefill(lm.cost, p - c, c, p - c if logits is None else logits)
         for j in range(g - 1):
             cost.add_decode(lm.cost, p + j)
         cost.generated_tokens += g
@@ -326,7 +330,7 @@ def score_tokens(lm, seqs: list[Seq], proposals: list[list[int]]) -> list[torch.
         result.append(logits)
     # The extra token is the verification's own output, not a step the target writes: no decode.
     _charge(lm, seqs, [len(p) for p in prompts], [o.num_cached_tokens or 0 for o in outs],
-            [0] * len(seqs), elapsed)
+            [0] * len(seqs), elapsed, logits=None)
     return result
 
 
@@ -351,5 +355,5 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
     rewards = prm.rewards_from_hidden(hidden).float().tolist()
     elapsed = time.perf_counter() - t0
     _charge(prm, seqs, [len(p) for p in prompts], [o.num_cached_tokens or 0 for o in outs],
-            [0] * len(seqs), elapsed)
+            [0] * len(seqs), elapsed, logits=0)
     return rewards

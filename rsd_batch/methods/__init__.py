@@ -92,6 +92,13 @@ def to_result(seq: Seq, lm: LoadedModel) -> tuple[Task, Result]:
     return seq.key, Result(output, seq.steps, seq.finish_reason, seq.ledger, seq.error)
 
 
+def target_only_flops(target: LoadedModel, seq: Seq) -> int:
+    """What the target alone would spend on this prompt and output: a prefill of the prompt (logits at
+    its last token), then a decode for every generated token but the last."""
+    decoded = max(seq.generated - 1, 0)
+    return target.cost.forward_flops(seq.prompt_len, 0, 1) + target.cost.forward_flops(decoded, seq.prompt_len, decoded)
+
+
 def split_steps(text: str, delimiter: str) -> list[str]:
     """Steps of a solution text, each keeping its trailing delimiter (the last may have none)."""
     parts = text.split(delimiter)

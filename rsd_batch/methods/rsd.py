@@ -17,7 +17,7 @@ import torch
 
 from ..config import MethodConfig, Weighting
 from ..engine import SamplingParams, stopper_for, generate_step, reject_candidate, run_rounds, score_steps
-from . import Context, Method, Step, same_vocab, start_seq, to_result
+from . import Context, Method, Step, same_vocab, start_seq, target_only_flops, to_result
 
 
 def acceptance_weight(reward: float, cfg: MethodConfig) -> float:
@@ -73,8 +73,7 @@ def run(tasks, ctx: Context):
         return start_seq(task, ctx, [draft, target])
 
     for seq in run_rounds(tasks, ctx.batch_size, cfg.refill, start, round_fn):
-        seq.ledger.target_only_flops = target.cost.forward_flops(seq.prompt_len, 0) + \
-            target.cost.forward_flops(max(seq.generated - 1, 0), seq.prompt_len)
+        seq.ledger.target_only_flops = target_only_flops(target, seq)
         yield to_result(seq, draft)
 
 

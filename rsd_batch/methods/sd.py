@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import FixedLength, SamplingParams, distribution, draw, generate_step, run_rounds, score_tokens
-from . import Context, Method, Step, same_vocab, split_steps, start_seq, to_result
+from . import Context, Method, Step, same_vocab, split_steps, start_seq, target_only_flops, to_result
 
 
 def run(tasks, ctx: Context):
@@ -64,8 +64,7 @@ def run(tasks, ctx: Context):
                           round_fn):
         text = target.decode(seq.tokens[seq.prompt_len:])
         seq.steps = [Step(s, "target") for s in split_steps(text, cfg.step_delimiter)]
-        seq.ledger.target_only_flops = target.cost.forward_flops(seq.prompt_len, 0) + \
-            target.cost.forward_flops(max(seq.generated - 1, 0), seq.prompt_len)
+        seq.ledger.target_only_flops = target_only_flops(target, seq)
         yield to_result(seq, target)
 
 

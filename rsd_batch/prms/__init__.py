@@ -10,6 +10,7 @@ import torch
 
 from .base import PRMAdapter
 from .math_shepherd import MathShepherdPRM
+from .oracle import OraclePRM
 from .qwen_prm import QwenPRM
 from .rlhflow import RLHFlowPRM
 from .skywork import SkyworkPRM
@@ -18,7 +19,8 @@ from .skywork import SkyworkPRM
 PRM_ADAPTERS = {"math_shepherd": MathShepherdPRM, "skywork": SkyworkPRM, "qwen_prm": QwenPRM,
                 "rlhflow": RLHFlowPRM}
 
-__all__ = ["PRMAdapter", "MathShepherdPRM", "SkyworkPRM", "QwenPRM", "RLHFlowPRM", "PRM_ADAPTERS", "load_prm"]
+__all__ = ["PRMAdapter", "MathShepherdPRM", "OraclePRM", "SkyworkPRM", "QwenPRM", "RLHFlowPRM", "PRM_ADAPTERS",
+           "load_prm"]
 
 
 def load_prm(cfg):
@@ -26,8 +28,13 @@ def load_prm(cfg):
     from ..ledger import CostModel
     from ..models import ModelLoadError, torch_dtype
 
+    if cfg.format == "oracle":  # the toy checker: no model to load, on any engine
+        try:
+            return OraclePRM.from_pretrained(cfg.path)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     if cfg.format not in PRM_ADAPTERS:
-        raise ModelLoadError(f"prm.format={cfg.format!r} is not one of {', '.join(sorted(PRM_ADAPTERS))}")
+        raise ModelLoadError(f"prm.format={cfg.format!r} is not one of {', '.join(sorted(PRM_ADAPTERS))}, oracle")
     try:
         prm = PRM_ADAPTERS[cfg.format].from_pretrained(cfg.path, device=cfg.device, revision=cfg.revision,
                                                        dtype=torch_dtype(cfg.dtype, cfg.device))
