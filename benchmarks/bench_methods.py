@@ -26,7 +26,11 @@ from rsd_batch.problems import load_problems  # noqa: E402
 from rsd_batch.runner import load_models  # noqa: E402
 
 POINTS = [("draft_only", []), ("target_only", []),
-          *[(f"rsd δ={d}", ["method.name=rsd", f"method.threshold={d}"]) for d in (0.3, 0.5, 0.7, 0.9)]]
+          *[(f"rsd δ={d}", ["method.name=rsd", f"method.threshold={d}"]) for d in (0.3, 0.5, 0.7, 0.9)],
+          # the target rewriting every round instead of when half the batch waits (method.rewrite_share)
+          ("rsd δ=0.7, rewrite every round", ["method.name=rsd", "method.threshold=0.7", "method.rewrite_share=0"]),
+          # the ceiling: the toy checker as the PRM (an upper bound, costs nothing)
+          ("rsd δ=0.7, oracle PRM", ["method.name=rsd", "method.threshold=0.7", "prm=oracle"])]
 
 
 def config(*overrides):
@@ -37,7 +41,8 @@ def config(*overrides):
 def run_point(overrides, tasks, batch_size, models):
     cfg = config(*overrides, f"run.batch_size={batch_size}")
     method = get_method(cfg.method.name.value)
-    ctx = Context({r: models[r] for r in method.roles(cfg.method)}, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
+    chosen = {r: models["oracle" if r == "prm" and cfg.prm.format == "oracle" else r] for r in method.roles(cfg.method)}
+    ctx = Context(chosen, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
     t0 = time.perf_counter()
     results = dict(method.run(tasks, ctx))
     return results, time.perf_counter() - t0
@@ -55,6 +60,7 @@ def main() -> None:
     tasks = [Task(i, 0, p) for i, p in zip(table["id"].to_pylist(), table["problem"].to_pylist())]
     gold = dict(zip(table["id"].to_pylist(), table["answer"].to_pylist()))
     models = load_models(base, ("draft", "target", "prm"))
+    models["oracle"] = load_models(config(*args.overrides, "prm=oracle"), ("prm",))["prm"]
     rows, outputs = [], {}
     for name, over in POINTS:
         if name in ("draft_only", "target_only"):
@@ -67,7 +73,10 @@ def main() -> None:
         accepted = [s for s in drafted if s.accepted]
         rows.append((name, acc, flops, secs, len(accepted) / len(drafted) if drafted else None))
     ref = next(r for r in rows if r[0] == "target_only")
-    print(f"\n{len(tasks)} toy problems, greedy, batch {args.batch_size}, one process on this machine\n")
+    import os
+    import torch
+    print(f"\n{len(tasks)} toy problems, greedy, batch {args.batch_size}, one process on this machine, torch threads "
+          f"{torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})\n")
     print("| method | accuracy | FLOPs (all roles) | FLOPs vs target_only | wall s | wall vs target_only "
           "| draft steps accepted |\n|---|---:|---:|---:|---:|---:|---:|")
     for name, acc, flops, secs, rate in rows:

@@ -184,6 +184,9 @@ class MethodConfig:
     constant: float = 0.5
     sigmoid_tau: float = 0.1
     prm_batch_tokens: int = 8192  # tokens per PRM forward (rows are grouped by length under it)
+    # The target rewrites rejected steps once this share of the samples in flight waits for it (or
+    # none can go on without it); 0: every round. Larger: fewer, larger target batches.
+    rewrite_share: float = 0.5
     # sd
     speculative_tokens: int = 4  # draft tokens proposed per verification
     # best_of_n, beam_search (search-and-learn's settings)

@@ -54,7 +54,8 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
     """Everything that decides a run's outputs, and nothing that does not (batch size, launcher)."""
     identity = {
         "shards": manifest["fingerprint"],
-        "method": to_container(cfg.method),
+        # rewrite_share schedules the target's work; it changes no output (like the batch size)
+        "method": {k: v for k, v in to_container(cfg.method).items() if k != "rewrite_share"},
         "prompt": to_container(cfg.prompt),
         "seed": cfg.run.seed,
         "models": {},

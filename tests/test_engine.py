@@ -296,3 +296,21 @@ def test_kv_held_stays_inside_the_memory_plan(toy_problems):
     assert plan["kv_copies"] == HF_KV_COPIES and plan["devices"] == ["cpu"]
     assert per_token * sum(lengths) < lm.kv_peak_bytes <= per_token * max(lengths) * len(tasks) * HF_KV_COPIES
     assert plan["kv_bytes"] >= per_token * max(lengths) * len(tasks) * HF_KV_COPIES
+
+
+def test_when_the_target_rewrites_changes_no_output(tiny_run_args, tasks):
+    """RSD's target rewrites rejected steps when enough samples wait (method.rewrite_share): every round
+    (0), at half the batch (0.5) or only when nothing else can go on (1) — the same texts, rewards and
+    token counts; only the target's batches differ."""
+    args = [*tiny_run_args, *SAMPLED, "method.name=rsd", "method.weighting=linear", "run.batch_size=8"]
+    runs = [run_method(args, f"method.rewrite_share={x}", tasks=tasks) for x in (0.0, 0.5, 1.0)]
+    for k in runs[0]:
+        a = runs[0][k]
+        for other in runs[1:]:
+            b = other[k]
+            assert a.output == b.output and [(s.text, s.accepted) for s in a.steps] == \
+                [(s.text, s.accepted) for s in b.steps]
+            # rewards agree up to float rounding (the PRM's batches are grouped differently)
+            assert all(abs((x.reward or 0) - (y.reward or 0)) < 1e-5 for x, y in zip(a.steps, b.steps))
+            assert a.ledger.target.generated_tokens == b.ledger.target.generated_tokens
+    assert any(s.source == "target" for r in runs[0].values() for s in r.steps)

@@ -284,7 +284,8 @@ def test_failing_task_shows_its_error_in_status_without_requeue(tiny_run_args, t
         st = task_state(run_dir, j)
         assert st["state"] == "failed" and st["error_kind"] == "user" and st["attempts"] == 1
         line = next(ln for ln in rep.splitlines() if f" {j} " in ln)
-        assert f"model.target.path='{empty}' has no config.json" in line
+        assert f"model.target.path='{empty}' has no config.json" in st["error"]
+        assert "model.target.path=" in line and "failed" in line  # status shows it, shortened to fit
     for j in jids:  # never requeued
         show = subprocess.run(["scontrol", "-o", "show", "job", j], capture_output=True, text=True).stdout
         assert " Restarts=0 " in show and "JobState=FAILED" in show, show
