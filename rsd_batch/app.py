@@ -12,26 +12,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from .errors import UserError
+
 log = logging.getLogger("rsd_batch")
 
 
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
-        from .calibrate import CalibrateError
-        from .export import ExportError
-        from .launch import LaunchError
-        from .merge import MergeError
-        from .models import ModelLoadError
-        from .problems import ProblemSetError
-        from .report import ReportError
-        from .runner import RunConfigMismatch
-        from .shards import ShardError
-
         try:
             return fn(cfg)
-        except (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError,
-                LaunchError, ReportError, ExportError, CalibrateError) as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -21,11 +21,12 @@ from omegaconf import OmegaConf
 
 from .config import CalibrateGoal
 from .files import write_json
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class CalibrateError(RuntimeError):
+class CalibrateError(UserError, RuntimeError):
     pass
 
 

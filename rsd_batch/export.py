@@ -28,9 +28,10 @@ from .files import atomic_path, read_json, write_json
 from .merge import current_summary, merged_path
 from .models import prompt_messages
 from .runner import RUN_FILE
+from .errors import UserError
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     pass
 
 

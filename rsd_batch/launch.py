@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, to_container
 from .files import read_json, write_json
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OU
                   "STOPPED", "RESIZING"}
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A launcher problem the user can fix (no sbatch, impossible placement, nothing to merge)."""
 
 
@@ -672,16 +673,6 @@ def _setup_task_logging() -> None:
     root.setLevel(logging.INFO)
 
 
-def _user_error_types() -> tuple[type, ...]:
-    from .merge import MergeError
-    from .models import ModelLoadError
-    from .problems import ProblemSetError
-    from .runner import RunConfigMismatch
-    from .shards import ShardError
-
-    return (ProblemSetError, ShardError, RunConfigMismatch, MergeError, ModelLoadError, LaunchError)
-
-
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -811,7 +802,7 @@ class ShardTask:
                 t.cancel()
             state = self._load_state(shards)
             if state.get("error_kind") != "limit":
-                kind = "user" if isinstance(e, _user_error_types()) else "crash"
+                kind = "user" if isinstance(e, UserError) else "crash"
                 msg = f"{type(e).__name__}: {e}" if kind == "crash" else str(e)
                 self._save_state(state, state="failed", error=_last_line(msg) if kind == "crash" else msg,
                                  error_kind=kind, traceback=traceback.format_exc()[-4000:])

@@ -19,6 +19,7 @@ from .files import atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE, result_paths
 from .shards import read_manifest, read_shard
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def merged_summary(run_dir: Path) -> dict:
     return current_summary(run_dir) or merge_run(run_dir)
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     pass
 
 

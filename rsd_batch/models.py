@@ -12,11 +12,12 @@ import torch
 
 from .config import Dtype, ModelConfig, PromptConfig
 from .ledger import CostModel
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 

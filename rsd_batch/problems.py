@@ -22,13 +22,14 @@ import pyarrow.compute as pc
 
 from .config import AnswerFormat, DatasetConfig, OnBadRow, OnDuplicateId
 from .grading import gold_answer
+from .errors import UserError
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
            ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 HINT_SKIP = "or set dataset.on_bad_row=skip to quarantine such rows"
 
 
-class ProblemSetError(ValueError):
+class ProblemSetError(UserError, ValueError):
     """A problem set that cannot be read as configured; the message says where and what to do."""
 
 

@@ -16,11 +16,12 @@ from .config import method_label
 from .files import atomic_path, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     pass
 
 

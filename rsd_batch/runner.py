@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import pyarrow as pa
 
@@ -25,8 +25,11 @@ from .config import Config, EngineName, to_container
 from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
-from .methods import Context, Method, Result, Task, get_method
 from .shards import read_manifest, read_shard, shard_name
+from .errors import UserError
+
+if TYPE_CHECKING:  # the decode side (torch) loads only when a shard really runs
+    from .methods import Context, Method, Result
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -42,7 +45,7 @@ OUTPUT_FIELDS = [
 ]
 
 
-class RunConfigMismatch(RuntimeError):
+class RunConfigMismatch(UserError, RuntimeError):
     pass
 
 
@@ -147,6 +150,8 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
               fp: str, batch_size: int, on_batch: Optional[Callable[[list[Result]], None]] = None,
               should_stop: Optional[Callable[[], bool]] = None) -> bool:
     """Run what is left of one shard; returns True when the shard is complete."""
+    from .methods import Task
+
     final, done, parts_dir = result_paths(run_dir, index)
     if shard_done(run_dir, index, fp):
         return True
@@ -340,8 +345,10 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     """
     run_dir = Path(cfg.run.dir)
     manifest = read_manifest(shards_dir(cfg))
-    method = get_method(cfg.method.name.value)
+    from .methods import Context, get_method
     from .models import check_memory, check_model_files, memory_plan, share_vocab
+
+    method = get_method(cfg.method.name.value)
 
     # Before anything is written or loaded: are the model files there, and will they and their caches fit?
     check_model_files(cfg, method.roles(cfg.method))

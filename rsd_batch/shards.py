@@ -19,6 +19,7 @@ import pyarrow as pa
 from .config import DatasetConfig, to_container
 from .files import atomic_path, fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .problems import ProblemSet
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -26,7 +27,7 @@ QUARANTINE = "quarantine.jsonl"
 MANIFEST_VERSION = 1
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     pass
 
 

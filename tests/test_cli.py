@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rsd_batch.config import ROOT
 
 from conftest import cli
@@ -60,3 +62,19 @@ def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):
         summary = json.loads((tmp_path / "sweep" / m / "summary.json").read_text())
         assert summary["method"] == m and summary["samples"] == 24
     assert proc.stdout.count("24 samples of 24 problems") == 2
+
+
+@pytest.mark.parametrize("job", ["status", "merge", "report", "shard", "--help"])
+def test_commands_that_decode_nothing_import_no_torch(job, tiny_run_args, tmp_path):
+    """status, merge, report, shard and --help start in well under a second: torch and transformers
+    are imported only by the jobs that load models."""
+    import subprocess
+    import sys
+
+    args = {"status": ["status", *tiny_run_args], "merge": ["merge", *tiny_run_args],
+            "report": ["report", str(tmp_path)], "shard": ["shard", *tiny_run_args], "--help": ["--help"]}[job]
+    code = ("import sys\nfrom rsd_batch.cli import main\nsys.argv = ['rsd-batch'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert "heavy: []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]

@@ -320,7 +320,7 @@ def test_prm_operating_point_meets_issue_bar(prm_metrics_fresh):
     assert op["precision"] >= 0.95 and op["recall"] >= 0.7, op
 
 
-@pytest.mark.xfail(strict=False, reason="issue 3 bar AUROC >= 0.95 not reached: the toy PRM does not check the "
+@pytest.mark.xfail(strict=True, reason="issue 14 bar AUROC >= 0.95 not reached: the toy PRM does not check the "
                                         "arithmetic (README, 'The embedded toy world')")
 def test_prm_meets_issue_auroc_bar(prm_metrics_fresh):
     m = prm_metrics_fresh
