@@ -69,6 +69,8 @@ def load_problems(cfg: DatasetConfig) -> ProblemSet:
         raw = _read_file(path, data, fmt, cfg)
     table, bad = raw
     unit = "line" if fmt == "jsonl" else "row"
+    if not [c for c in table.column_names if c != "source_row"]:
+        _no_rows(source.get("path") or source.get("name"), bad, unit)
     if cfg.limit is not None:
         table = table.slice(0, cfg.limit)
         bad = [b for b in bad if b.row <= (int(table["source_row"][-1].as_py()) if len(table) else 0)]
@@ -88,6 +90,21 @@ def load_problems(cfg: DatasetConfig) -> ProblemSet:
                               "Check dataset.source and dataset.fields.")
     source["unit"] = unit
     return ProblemSet(table=table, bad_rows=sorted(bad + dropped, key=lambda b: b.row), source=source)
+
+
+def _no_rows(name: str, bad: list[BadRow], unit: str) -> None:
+    """A source with no usable row at all: say why (empty, blank, every line bad, not this format)."""
+    if not bad:
+        raise ProblemSetError(f"{name}: no rows (the file is empty or every line is blank). Check "
+                              "dataset.source.")
+    first = bad[0]
+    if first.field is None and first.reason.startswith("malformed JSON"):
+        shown = str(first.raw)[:80]
+        raise ProblemSetError(f"{name}: not JSON lines: {unit} {first.row} is {shown!r} ({first.reason}). "
+                              "If it is another format (a CSV?), name the file for it or set "
+                              "dataset.format.")
+    raise ProblemSetError(f"{name}: no usable rows: every one of the {len(bad)} is bad; the first: "
+                          f"{first.describe(name, unit)}")
 
 
 def detect_format(cfg: DatasetConfig) -> str:
@@ -212,6 +229,13 @@ def _read_jsonl(data: bytes):
             bad.append(BadRow(n, None, f"a JSON {type(obj).__name__}, not an object",
                               f"Each line must be one JSON object, {HINT_SKIP}", raw=text))
             continue
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): JSON allows it, Unicode does not
+            bad.append(BadRow(n, None, f"text that is not valid Unicode (a lone surrogate, "
+                                       f"{e.object[e.start:e.end].encode('utf-8', 'backslashreplace').decode()})",
+                              f"Fix or remove the line, {HINT_SKIP}", raw=text))
+            continue
         rows.append((n, obj))
     return _rows_to_table(rows, None, bad)
 
@@ -321,14 +345,16 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
         for i in np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)):
             bad.setdefault(int(i), BadRow(int(rows[i].as_py()), field, reason, hint))
 
-    problem = _as_text(table[f.problem].combine_chunks(), f.problem, rows, bad, allow_list=False)
-    empty = pc.or_kleene(pc.is_null(problem), pc.equal(pc.utf8_trim_whitespace(problem), ""))
+    problem = _as_text(table[f.problem].combine_chunks(), f.problem, rows, bad, accept="problem")
+    # Blank: nothing but whitespace, NULs, zero-width or other invisible characters.
+    visible = pc.replace_substring_regex(problem, r"[\p{Cc}\p{Cf}\p{Z}]", "")
+    empty = pc.or_kleene(pc.is_null(problem), pc.equal(visible, ""))
     flag(pc.fill_null(empty, True), f.problem, "missing or empty problem text",
          f"Fill it in or drop the row, {HINT_SKIP}")
     out = {"problem": problem}
     keep_raw_answer = False
     if f.answer is not None:
-        answer = _as_text(table[f.answer].combine_chunks(), f.answer, rows, bad, allow_list=True)
+        answer = _as_text(table[f.answer].combine_chunks(), f.answer, rows, bad, accept="answer")
         if cfg.answer_format != AnswerFormat.plain:
             # The field holds a rationale: grade against what it concludes, keep the rest as metadata.
             answer = pa.array([gold_answer(a, cfg.answer_format) for a in answer.to_pylist()],
@@ -342,7 +368,7 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
     else:
         out["answer"] = pa.nulls(len(table), pa.string())
     if f.id is not None:
-        ids = _as_text(table[f.id].combine_chunks(), f.id, rows, bad, allow_list=False)
+        ids = _as_text(table[f.id].combine_chunks(), f.id, rows, bad, accept="id")
         flag(pc.fill_null(pc.or_kleene(pc.is_null(ids), pc.equal(ids, "")), True), f.id,
              "missing or empty id", f"Give every row an id, or set dataset.fields.id=null to hash "
              f"the problem text, {HINT_SKIP}")
@@ -371,9 +397,15 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
     return mapped, bad_rows
 
 
-def _as_text(arr: pa.Array, name: str, rows, bad: dict, allow_list: bool) -> pa.Array:
-    """A mapped column as strings. Numbers become text; lists (answers only) are joined with ', '."""
+# What a mapped field may hold: a problem is text; an id text or a whole number; a gold answer text,
+# a number or a list of them (joined with ", "). A boolean is never a problem, an id or an answer.
+ACCEPT = {"problem": ("str",), "id": ("str", "int"), "answer": ("str", "int", "float", "list")}
+
+
+def _as_text(arr: pa.Array, name: str, rows, bad: dict, accept: str) -> pa.Array:
+    """A mapped column as strings; a value of a kind the field does not take is a bad row."""
     hint = f"Fix the value, or map another column with dataset.fields, {HINT_SKIP}"
+    kinds_ok = ACCEPT[accept]
     t = arr.type
     if _is_mixed(arr):
         kinds = arr.field("__type__").to_pylist()
@@ -381,27 +413,34 @@ def _as_text(arr: pa.Array, name: str, rows, bad: dict, allow_list: bool) -> pa.
         values = []
         for i, (k, v) in enumerate(zip(kinds, raw)):
             val = None if v is None else json.loads(v)
-            if k in (None, "str", "int") or (allow_list and k in ("float", "list")):
+            if k is None or k in kinds_ok:
                 values.append(_scalar_text(val))
             else:
                 bad.setdefault(i, BadRow(int(rows[i].as_py()), name,
-                                         f"wrong type: a {_json_kind(k)} where text was expected", hint))
+                                         f"wrong type: a {_json_kind(k)} where {_wanted(accept)} was expected", hint))
                 values.append(None)
         return pa.array(values, pa.string())
+    if pa.types.is_dictionary(t):  # a pandas Categorical column: its values are what count
+        return _as_text(arr.cast(t.value_type), name, rows, bad, accept)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return arr.cast(pa.string())
     if pa.types.is_null(t):
         return pa.nulls(len(arr), pa.string())
-    if pa.types.is_integer(t) or (allow_list and pa.types.is_floating(t)):
+    if (pa.types.is_integer(t) and "int" in kinds_ok) or (pa.types.is_floating(t) and "float" in kinds_ok):
         return arr.cast(pa.string())
-    if allow_list and (pa.types.is_list(t) or pa.types.is_large_list(t)):
+    if "list" in kinds_ok and (pa.types.is_list(t) or pa.types.is_large_list(t)):
         return pa.array([_scalar_text(v) for v in arr.to_pylist()], pa.string())
     # A whole column of the wrong type: every row with a value is bad.
     for i in np.flatnonzero(np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))):
         bad.setdefault(int(i), BadRow(int(rows[int(i)].as_py()), name,
-                                      f"wrong type: a {_json_kind(str(t))} where text was expected",
+                                      f"wrong type: a {_json_kind(str(t))} where {_wanted(accept)} was expected",
                                       hint))
     return pa.nulls(len(arr), pa.string())
+
+
+def _wanted(accept: str) -> str:
+    return {"problem": "text", "id": "text or a whole number",
+            "answer": "text, a number or a list"}[accept]
 
 
 def _scalar_text(v: Any) -> Optional[str]:
@@ -413,8 +452,10 @@ def _scalar_text(v: Any) -> Optional[str]:
 
 
 def _json_kind(k: str) -> str:
+    if k.startswith(("int", "uint")):
+        return "number"
     return {"dict": "JSON object", "list": "JSON list", "bool": "boolean", "float": "number",
-            "double": "number", "int64": "number"}.get(k, k)
+            "double": "number"}.get(k, k)
 
 
 def _mixed_to_json(arr: pa.Array) -> pa.Array:
@@ -466,10 +507,12 @@ def _assign_ids(table: pa.Table, cfg: DatasetConfig, unit: str) -> tuple[pa.Tabl
                   "Set dataset.on_duplicate_id=keep_first to keep the first and quarantine the "
                   "rest, or =number to suffix later ones with #2, #3, ...",
                   raw=table.slice(i, 1).to_pylist()[0]) for i, key, first in later]
+    # A later duplicate is never kept: on_duplicate_id=keep_first drops it quietly, otherwise it is a bad
+    # row (the job stops, or on_bad_row=skip quarantines it) — not both quarantined and sharded.
+    keep = np.ones(len(table), dtype=bool)
+    keep[[i for i, _, _ in later]] = False
+    table = table.filter(pa.array(keep))
     if how == OnDuplicateId.keep_first:
-        keep = np.ones(len(table), dtype=bool)
-        keep[[i for i, _, _ in later]] = False
-        table = table.filter(pa.array(keep))
         for b in bad:
             b.hint = "dropped by dataset.on_duplicate_id=keep_first"
         return table, [], bad

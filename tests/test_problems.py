@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -215,3 +216,71 @@ def test_manifest_is_read_back(tmp_path):
     write_shards(load_problems(cfg), cfg, tmp_path)
     m = read_manifest(tmp_path)
     assert [s["rows"] for s in m["shards"]] == [97, 96, 96, 96]
+
+
+# ---------------------------------------------------------------- every bad row caught, never half-kept
+
+
+def _load(path, *overrides):
+    return load_problems(dataset_cfg(f"dataset.source={path}", "dataset.fields.id=null",
+                                     "dataset.fields.solution=null", *overrides))
+
+
+def test_a_duplicate_quarantined_in_skip_mode_is_not_also_kept(tmp_path, tiny_run_args):
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows + [rows[2], rows[4]])
+    ps = _load(path, "dataset.on_bad_row=skip")
+    assert len(ps.table) == 6 and len(set(ps.table["id"].to_pylist())) == 6
+    assert [b.row for b in ps.bad_rows] == [7, 8] and all("duplicate id" in b.reason for b in ps.bad_rows)
+    with pytest.raises(ProblemSetError, match=r"line 7, field 'problem': duplicate id .* \(1 more bad rows"):
+        _load(path)
+
+
+def test_a_lone_surrogate_is_a_bad_row_not_a_crash(tmp_path):
+    path = write_jsonl(tmp_path / "sur.jsonl", [{"problem": "What is 1 + 1?", "answer": "2"}],
+                       raw_lines=[b'{"problem": "bad \\ud800 text", "answer": "3"}'])
+    with pytest.raises(ProblemSetError, match=r"line 2: text that is not valid Unicode \(a lone surrogate"):
+        _load(path)
+    ps = _load(path, "dataset.on_bad_row=skip")
+    assert len(ps.table) == 1 and ps.bad_rows[0].row == 2
+
+
+def test_numbers_and_booleans_are_not_text(tmp_path):
+    path = write_jsonl(tmp_path / "types.jsonl", [{"problem": "What is 1 + 1?", "answer": 2},
+                                                  {"problem": 42, "answer": "42"},
+                                                  {"problem": "Is 3 odd?", "answer": True}])
+    with pytest.raises(ProblemSetError, match=r"line 2, field 'problem': wrong type: a number where text"):
+        _load(path)
+    ps = _load(path, "dataset.on_bad_row=skip")
+    assert ps.table["answer"].to_pylist() == ["2"]  # a number is a fine gold answer
+    assert [(b.row, b.field) for b in ps.bad_rows] == [(2, "problem"), (3, "answer")]
+    assert "a boolean where text, a number or a list was expected" in ps.bad_rows[1].reason
+    pq.write_table(pa.table({"problem": pa.array([1, 2], pa.int64()), "answer": ["1", "2"]}), tmp_path / "i.parquet")
+    with pytest.raises(ProblemSetError, match=r"row 1, field 'problem': wrong type: a number where text"):
+        _load(tmp_path / "i.parquet")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no rows (the file is empty or every line is blank)"),
+    (b"\n  \n\n", "no rows (the file is empty or every line is blank)"),
+    (b"{oops\n[1, 2\n", "not JSON lines: line 1 is '{oops'"),
+    (b'[{"problem": "What is 1 + 1?", "answer": "2"}]\n', "line 1: a JSON list, not an object"),
+    (b"problem,answer\nWhat is 1 + 1?,2\n", "not JSON lines: line 1 is 'problem,answer'"),
+])
+def test_a_file_with_no_usable_row_says_why(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ProblemSetError, match=re.escape(message)):
+        _load(path)
+
+
+def test_invisible_problems_are_blank_and_categorical_columns_read(tmp_path):
+    path = write_jsonl(tmp_path / "blank.jsonl", [{"problem": "What is 1 + 1?", "answer": "2"},
+                                                  {"problem": "\u0000\u200b\u2060 \ufeff", "answer": "3"}])
+    ps = _load(path, "dataset.on_bad_row=skip")
+    assert len(ps.table) == 1 and ps.bad_rows[0].reason == "missing or empty problem text"
+    import pandas as pd
+    df = pd.DataFrame({"problem": ["What is 1 + 1?", "What is 2 + 2?"], "answer": ["2", "4"]})
+    df["problem"] = df["problem"].astype("category")
+    df.to_parquet(tmp_path / "cat.parquet")
+    assert _load(tmp_path / "cat.parquet").table["problem"].to_pylist() == ["What is 1 + 1?", "What is 2 + 2?"]
