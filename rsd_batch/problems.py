@@ -157,7 +157,7 @@ def _read_file(path: Path, data: bytes, fmt: str, cfg: DatasetConfig):
             import pyarrow.parquet as pq
             table = pq.read_table(pa.BufferReader(data))
         elif fmt == "csv":
-            table = _read_csv(data, cfg)
+            return _read_csv(data, cfg)
         else:
             table = _read_ipc(data)
     except ProblemSetError:
@@ -175,24 +175,46 @@ def _read_ipc(data: bytes) -> pa.Table:
         return pa.ipc.open_stream(pa.BufferReader(data)).read_all()  # datasets writes streams
 
 
-def _read_csv(data: bytes, cfg: DatasetConfig) -> pa.Table:
+def _read_csv(data: bytes, cfg: DatasetConfig) -> tuple[pa.Table, list[BadRow]]:
+    """One CSV file: lines that are not UTF-8 and ragged rows become bad rows naming their data row
+    (line − 1), so they can be quarantined; a cell of any size fits (the file is one block)."""
     import pyarrow.csv as pcsv
-    # Mapped fields are text in a CSV whatever they look like (an id "007" must stay "007").
-    text_cols = {c: pa.string() for c in (cfg.fields.problem, cfg.fields.answer, cfg.fields.id) if c}
-    try:
-        return pcsv.read_csv(pa.BufferReader(data),
-                             convert_options=pcsv.ConvertOptions(column_types=text_cols))
-    except pa.ArrowInvalid as e:
-        if "UTF8" not in str(e) and "utf8" not in str(e).lower():
-            raise
-    # Find the row with the bad bytes, to name it.
-    for n, line in enumerate(data.split(b"\n")):
+
+    bad: list[BadRow] = []
+    lines = data.split(b"\n")
+    for n, line in enumerate(lines[1:], 1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ProblemSetError(f"line {n + 1} (data row {n}): not UTF-8 at column {e.start + 1}. "
-                                  "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
-    raise ProblemSetError("the CSV has text that is not UTF-8. Re-encode the file as UTF-8.")
+            bad.append(BadRow(n, None, f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",
+                              f"Re-encode the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8), {HINT_SKIP}",
+                              raw=line.decode("utf-8", "replace")))
+            lines[n] = b""  # read as an empty line, which the parser skips
+    if bad:
+        data = b"\n".join(lines)
+    # The parser numbers the rows it reads (the header is 1) and skips empty lines: map back to data rows.
+    nonempty = [n for n, line in enumerate(lines[1:], 1) if line.strip(b"\r")]
+
+    def ragged(row) -> str:
+        k = (row.number or 0) - 2
+        n = nonempty[k] if 0 <= k < len(nonempty) else 0
+        bad.append(BadRow(n, None, f"{row.actual_columns} fields where the header has {row.expected_columns}",
+                          f"Fix the quoting or the separators of that row, {HINT_SKIP}", raw=row.text))
+        return "skip"
+
+    # Mapped fields are text in a CSV whatever they look like (an id "007" must stay "007").
+    text_cols = {c: pa.string() for c in (cfg.fields.problem, cfg.fields.answer, cfg.fields.id) if c}
+    table = pcsv.read_csv(
+        pa.BufferReader(data),
+        read_options=pcsv.ReadOptions(use_threads=False, block_size=min(max(len(data) + 1, 1 << 20), 2**31 - 1)),
+        parse_options=pcsv.ParseOptions(invalid_row_handler=ragged),
+        convert_options=pcsv.ConvertOptions(column_types=text_cols))
+    # Data row numbers of the rows read: every non-empty line after the header but the bad ones.
+    skipped = {b.row for b in bad}
+    rows = [n for n in nonempty if n not in skipped]
+    if len(rows) != len(table):  # cells spanning lines: count rows instead
+        rows = list(range(1, len(table) + 1))
+    return table.append_column("source_row", pa.array(rows, pa.int64())), sorted(bad, key=lambda b: b.row)
 
 
 def _read_jsonl(data: bytes):
@@ -293,9 +315,32 @@ def _is_mixed(arr) -> bool:
     return pa.types.is_struct(t) and [f.name for f in t] == ["__type__", "__json__"]
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's endpoint answers at all: when it does not, the load goes offline at once
+    (the local cache only) instead of spending half a minute in retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _read_hub(cfg: DatasetConfig):
     import datasets
     name = cfg.source[3:]
+    if not _hub_reachable():
+        import huggingface_hub.constants
+
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.split)
     except Exception as e:  # noqa: BLE001 - any failure here has the same remedy

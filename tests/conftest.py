@@ -21,8 +21,8 @@ def make_config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([CLI, *args], capture_output=True, text=True, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"rsd-batch {' '.join(args)} failed ({proc.returncode}):\n"

@@ -284,3 +284,43 @@ def test_invisible_problems_are_blank_and_categorical_columns_read(tmp_path):
     df["problem"] = df["problem"].astype("category")
     df.to_parquet(tmp_path / "cat.parquet")
     assert _load(tmp_path / "cat.parquet").table["problem"].to_pylist() == ["What is 1 + 1?", "What is 2 + 2?"]
+
+
+def test_csv_bad_bytes_and_ragged_rows_are_bad_rows_with_their_row(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("problem,answer\nWhat is 1 + 1?,2\n".encode() + "Café costs 3 €?,3\n".encode("cp1252")
+                     + b"What is 2 + 2?,4,extra\nWhat is 3 + 3?,6\n")
+    with pytest.raises(ProblemSetError, match=rf"{re.escape(str(path))}: row 2: not valid UTF-8 \(byte 0xe9 at "
+                                              r"column 4\)\. Re-encode .* \(1 more bad rows"):
+        _load(path)
+    ps = _load(path, "dataset.on_bad_row=skip")
+    assert ps.table["problem"].to_pylist() == ["What is 1 + 1?", "What is 3 + 3?"]
+    assert ps.table["source_row"].to_pylist() == [1, 4]
+    assert [(b.row, b.reason) for b in ps.bad_rows] == [(2, "not valid UTF-8 (byte 0xe9 at column 4)"),
+                                                         (3, "3 fields where the header has 2")]
+
+
+def test_a_csv_cell_over_a_megabyte_is_read(tmp_path):
+    path = tmp_path / "big.csv"
+    long = "What is " + "1 + " * 400_000 + "1?"
+    path.write_text(f"problem,answer\n{long},400001\nWhat is 2 + 2?,4\n")
+    ps = _load(path)
+    assert ps.table["problem"].to_pylist()[0] == long and len(long) > 1 << 20 and len(ps.table) == 2
+
+
+def test_an_unreachable_hub_fails_in_seconds_not_after_retries(tmp_path):
+    """No offline flag set: the hub's endpoint (here a closed port on loopback) does not answer, so the
+    load goes offline at once and says what to do."""
+    import os
+    import time
+
+    from conftest import cli
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    proc = cli("shard", "dataset.source=hf:openai/gsm8k", "dataset.hf_config=main", f"run.dir={tmp_path / 'run'}",
+               check=False, env=env)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 2 and "could not load the Hugging Face dataset 'openai/gsm8k'" in proc.stderr
+    assert "save_to_disk" in proc.stderr and took < 5  # the command's own start-up included
