@@ -324,3 +324,41 @@ def test_an_unreachable_hub_fails_in_seconds_not_after_retries(tmp_path):
     took = time.perf_counter() - t0
     assert proc.returncode == 2 and "could not load the Hugging Face dataset 'openai/gsm8k'" in proc.stderr
     assert "save_to_disk" in proc.stderr and took < 5  # the command's own start-up included
+
+
+BAD_FILES = {  # name -> (file bytes, the message's words, bad rows in skip mode)
+    "dup.jsonl": (b'{"problem": "What is 1 + 1?"}\n{"problem": "What is 2 + 2?"}\n{"problem": "What is 1 + 1?"}\n',
+                  "line 3, field 'problem': duplicate id", 1),
+    "surrogate.jsonl": (b'{"problem": "What is 1 + 1?"}\n{"problem": "x \\ud800"}\n',
+                        "line 2: text that is not valid Unicode", 1),
+    "number.jsonl": (b'{"problem": "What is 1 + 1?"}\n{"problem": 42}\n', "line 2, field 'problem': wrong type", 1),
+    "bool.jsonl": (b'{"problem": "What is 1 + 1?", "answer": "2"}\n{"problem": "Odd?", "answer": true}\n',
+                   "line 2, field 'answer': wrong type: a boolean", 1),
+    "cp1252.csv": (b"problem,answer\nWhat is 1 + 1?,2\nCaf\xe9?,3\n", "row 2: not valid UTF-8", 1),
+    "ragged.csv": (b"problem,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,4,5\n", "row 2: 3 fields where the header has 2", 1),
+    "invisible.jsonl": (b'{"problem": "What is 1 + 1?"}\n{"problem": "\\u200b\\u0000"}\n',
+                        "line 2, field 'problem': missing or empty problem text", 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_rows_through_the_command(name, tmp_path):
+    """As a user meets them: exit 2, one line naming file, row and field, nothing written; with
+    on_bad_row=skip the row is in the quarantine and the manifest counts it, and not in the shards."""
+    from conftest import cli
+
+    content, words, n_bad = BAD_FILES[name]
+    src = tmp_path / name
+    src.write_bytes(content)
+    args = [f"dataset.source={src}", "dataset.fields.id=null", "dataset.fields.solution=null",
+            "dataset.fields.answer=" + ("answer" if b"answer" in content else "null")]
+    run_dir = tmp_path / "run"
+    proc = cli("shard", *args, f"run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {src}") and words in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (run_dir / "manifest.json").exists()
+    cli("shard", *args, f"run.dir={run_dir}", "dataset.on_bad_row=skip")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    quarantined = (run_dir / "quarantine.jsonl").read_text().splitlines()
+    assert manifest["quarantine"]["rows"] == len(quarantined) == n_bad
+    kept = (2 if name == "dup.jsonl" else 1)
+    assert manifest["num_rows"] == sum(s["rows"] for s in manifest["shards"]) == kept
