@@ -136,8 +136,12 @@ def summarize(table: pa.Table) -> dict:
     steps = pc.list_flatten(table["steps"].combine_chunks())
     decided = steps.field("accepted").drop_null() if len(steps) else pa.array([], pa.bool_())
     draft_gen = per_role["draft"]["total"]["generated_tokens"]
-    target_only = pc.sum(ledger.field("target_only_flops")).as_py() or 0
-    total_flops = pc.sum(ledger.field("flops")).as_py() or 0
+    # The FLOPs-saved headline counts the samples that ran: one that ended in an error (a prompt longer
+    # than the context) decoded nothing, and is counted apart.
+    ok = pc.is_null(table["error"].combine_chunks() if isinstance(table["error"], pa.ChunkedArray) else table["error"])
+    target_only = pc.sum(ledger.field("target_only_flops").filter(ok)).as_py() or 0
+    total_flops = pc.sum(ledger.field("flops").filter(ok)).as_py() or 0
+    errors = n - (pc.sum(ok).as_py() or 0)
     return {
         "samples": n,
         "steps": len(steps),
@@ -148,6 +152,7 @@ def summarize(table: pa.Table) -> dict:
         },
         # What the target alone would have spent on the same prompts and output lengths.
         "flops_vs_target_only": target_only / total_flops if target_only and total_flops else None,
+        "errors": errors,
         "problems": len(pc.unique(table["id"])),
         "finish_reasons": {r["values"]: r["counts"] for r in reasons.to_pylist()},
         "graded": len(graded),
@@ -175,7 +180,8 @@ def format_summary(summary: dict) -> str:
     if acc_s is not None:
         head += (f" · draft steps accepted {acc_s:.1%}"
                  + (f" · {summary['flops_vs_target_only']:.2f}× fewer FLOPs than target alone"
-                    if summary.get("flops_vs_target_only") else ""))
+                    if summary.get("flops_vs_target_only") else "")
+                 + (f" ({summary['errors']} samples with an error left out)" if summary.get("errors") else ""))
     t = Table()
     for col in ("role", "prefill tok", "decode tok", "generated tok", "FLOPs", "seconds",
                 "gen tok/sample", "FLOPs/sample", "s/sample"):

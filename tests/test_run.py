@@ -169,3 +169,26 @@ def test_local_run_sets_torch_threads(tiny_run_args):
     cores = len(os.sched_getaffinity(0))
     again = cli("run", *tiny_run_args)  # default: the cores this process may use
     assert f"torch threads: {cores} (the cores this process may use)" in again.stdout + again.stderr
+
+
+def test_samples_with_an_error_are_left_out_of_the_flops_saved(tiny_run_args, tiny_models):
+    """Some prompts longer than the context: their error records cost nothing and claim no target-alone
+    cost, the headline's FLOPs ratio is over the samples that ran, and the errors are counted beside it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["target"])
+    cfg = make_config(*tiny_run_args)
+    problems = load_problems(cfg.dataset).table["problem"].to_pylist()
+    lengths = sorted(len(tok(render_prompt(tok, p, cfg.prompt), add_special_tokens=False)["input_ids"]) for p in problems)
+    limit = lengths[len(lengths) // 2]  # about half the prompts do not fit
+    cfg, _ = shard_and_run(tiny_run_args, "method=rsd", f"model.target.max_context={limit}", f"model.draft.max_context={limit}")
+    summary = merge_run(Path(cfg.run.dir))
+    rows = list(outputs(cfg.run.dir).values())
+    errors = [r for r in rows if r["error"] is not None]
+    ran = [r for r in rows if r["error"] is None]
+    assert errors and ran and summary["errors"] == len(errors)
+    assert all(r["ledger"]["flops"] == 0 == r["ledger"]["target_only_flops"] for r in errors)
+    want = sum(r["ledger"]["target_only_flops"] for r in ran) / sum(r["ledger"]["flops"] for r in ran)
+    assert abs(summary["flops_vs_target_only"] - want) < 1e-12
+    from rsd_batch.merge import format_summary
+    assert f"({len(errors)} samples with an error left out)" in format_summary({**summary, "method": "rsd"})

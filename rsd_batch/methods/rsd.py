@@ -84,7 +84,7 @@ def run(tasks, ctx: Context):
         return start_seq(task, ctx, [draft, target])
 
     for seq in run_rounds(tasks, ctx.batch_size, cfg.refill, start, round_fn):
-        seq.ledger.target_only_flops = target_only_flops(target, seq)
+        seq.ledger.target_only_flops = 0 if seq.error else target_only_flops(target, seq)
         yield to_result(seq, draft)
 
 

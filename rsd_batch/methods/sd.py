@@ -64,7 +64,7 @@ def run(tasks, ctx: Context):
                           round_fn):
         text = target.decode(seq.tokens[seq.prompt_len:])
         seq.steps = [Step(s, "target") for s in split_steps(text, cfg.step_delimiter)]
-        seq.ledger.target_only_flops = target_only_flops(target, seq)
+        seq.ledger.target_only_flops = 0 if seq.error else target_only_flops(target, seq)
         yield to_result(seq, target)
 
 
