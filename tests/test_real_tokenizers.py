@@ -235,6 +235,7 @@ def test_every_prm_call_of_an_rsd_run_is_the_model_cards_input(fmt, real_prms, q
             assert mine[:flags[-1] + 1] == ids[:flags[-1] + 1] and positions == flags, (fmt, call)
             with torch.no_grad():
                 hidden = hf.backbone(input_ids=torch.tensor([ids])).last_hidden_state[0, flags[-1]]
-            assert abs(float(hf.rewards_from_hidden(hidden[None])[0]) - reward) < 1e-4
+                card_reward = float(hf.rewards_from_hidden(hidden[None])[0])
+            assert abs(card_reward - reward) < 1e-4
             checked += 1
     assert checked >= 5, checked
