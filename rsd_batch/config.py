@@ -196,6 +196,26 @@ class MethodConfig:
     aggregation: Aggregation = Aggregation.last
 
 
+# The knobs each method reads beyond the shared ones: a run's fingerprint holds only these, so changing
+# another method's knob (method.beam_width for an rsd run) never refuses a resume. rewrite_share and
+# prm_batch_tokens only schedule work (outputs do not depend on them), like the batch size.
+SHARED_METHOD_KNOBS = ("name", "n", "temperature", "top_p", "top_k", "max_new_tokens", "max_steps",
+                       "step_delimiter", "step_tokens", "refill")
+METHOD_KNOBS = {
+    "rsd": ("weighting", "threshold", "constant", "sigmoid_tau"),
+    "sd": ("speculative_tokens",),
+    "best_of_n": ("policy", "candidates", "aggregation"),
+    "beam_search": ("policy", "candidates", "beam_width", "aggregation"),
+    "target_only": (), "draft_only": (),
+}
+
+
+def method_identity(method: Any) -> dict:
+    """The method settings that decide a run's outputs: the shared ones and the chosen method's own."""
+    m = to_container(method)
+    return {k: m[k] for k in (*SHARED_METHOD_KNOBS, *METHOD_KNOBS[m["name"]])}
+
+
 class LauncherName(Choice):
     local = "local"  # every shard in this process, one after the other
     debug = "debug"  # in-process too, without any executor around it (for pdb)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 import pyarrow as pa
 
-from .config import Config, EngineName, to_container
+from .config import Config, EngineName, method_identity, to_container
 from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
@@ -57,8 +57,7 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
     """Everything that decides a run's outputs, and nothing that does not (batch size, launcher)."""
     identity = {
         "shards": manifest["fingerprint"],
-        # rewrite_share schedules the target's work; it changes no output (like the batch size)
-        "method": {k: v for k, v in to_container(cfg.method).items() if k != "rewrite_share"},
+        "method": method_identity(cfg.method),
         "prompt": to_container(cfg.prompt),
         "seed": cfg.run.seed,
         "models": {},

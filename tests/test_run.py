@@ -192,3 +192,18 @@ def test_samples_with_an_error_are_left_out_of_the_flops_saved(tiny_run_args, ti
     assert abs(summary["flops_vs_target_only"] - want) < 1e-12
     from rsd_batch.merge import format_summary
     assert f"({len(errors)} samples with an error left out)" in format_summary({**summary, "method": "rsd"})
+
+
+def test_the_fingerprint_holds_only_the_chosen_methods_knobs(tiny_run_args):
+    """An rsd run resumes after a beam-search knob (or the target's rewrite scheduling) changed; one of
+    its own knobs changing is still refused."""
+    args = [*tiny_run_args, "method=rsd"]
+    cfg = make_config(*args, "dataset.limit=8")
+    write_shards(load_problems(cfg.dataset), cfg.dataset, Path(cfg.run.dir))
+    first = run(make_config(*args, "dataset.limit=8", "run.batch_size=1", "method.max_new_tokens=12"))
+    assert first["complete"]
+    again = run(make_config(*args, "dataset.limit=8", "method.beam_width=7", "method.candidates=9",
+                            "method.speculative_tokens=2", "method.rewrite_share=1.0"))
+    assert again["fingerprint"] == first["fingerprint"] and again["ran"] == []
+    with pytest.raises(RunConfigMismatch, match=r"method.threshold: 0.7 -> 0.5"):
+        run(make_config(*args, "dataset.limit=8", "method.threshold=0.5"))
