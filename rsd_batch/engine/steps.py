@@ -69,6 +69,20 @@ class Seq:
         if not self.finish_reason and len(self.steps) >= max_steps:
             self.finish("max_steps")
 
+    def rewind(self, role: str, length: int) -> None:
+        """Make `role`'s cache forget everything past the first `length` tokens (proposals it rejected)."""
+        self.cache(role).crop(length)
+
+    def reject_candidate(self) -> None:
+        """Take back the draft step just scored: the draft's cache returns to the committed prefix,
+        the PRM's to before the candidate (the target rewrites that step)."""
+        self.rewind("draft", len(self.tokens))
+        self.rewind("prm", self.prm_committed)
+
+    def queue_for_prm(self, text: str) -> None:
+        """A committed step the PRM has not read (the target wrote it): read before the next candidate."""
+        self.prm_pending.append(text)
+
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.finished_at = time.perf_counter()
@@ -216,8 +230,8 @@ def length_groups(lengths: list[int], max_batch_tokens: int) -> Iterator[list[in
 
 
 def reject_candidate(seq: Seq) -> None:
-    """Drop the last scored candidate from the PRM's cache (the target rewrites that step)."""
-    seq.cache("prm").crop(seq.prm_committed)
+    """Drop the last scored candidate (see `Seq.reject_candidate`)."""
+    seq.reject_candidate()
 
 
 def run_rounds(keys: Iterable[Any], batch_size: int, refill: bool, start: Callable[[Any], Seq],

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..config import MethodConfig, Weighting
-from ..engine import SamplingParams, stopper_for, generate_step, reject_candidate, run_rounds, score_steps
+from ..engine import SamplingParams, generate_step, run_rounds, score_steps, stopper_for
 from . import Context, Method, Step, same_vocab, start_seq, target_only_flops, to_result
 
 
@@ -65,8 +65,7 @@ def run(tasks, ctx: Context):
                 seq.commit(prop.tokens, Step(text, "draft", reward, True), prop.reason, cfg.max_steps)
             else:
                 seq.ledger.draft.discarded_tokens += len(prop.tokens)
-                seq.cache("draft").crop(len(seq.tokens))  # back to the prefix the target continues
-                reject_candidate(seq)
+                seq.reject_candidate()  # draft and PRM back to the prefix the target continues
                 waiting[id(seq)] = (seq, text, reward)
         if not waiting or (len(waiting) < cfg.rewrite_share * len(active) and len(waiting) < len(active)
                            and any(not seq.finish_reason for seq in drafting)):
@@ -78,7 +77,7 @@ def run(tasks, ctx: Context):
             step_text = target.decode(out.tokens)
             seq.commit(out.tokens, Step(step_text, "target", None, False, text, reward), out.reason,
                        cfg.max_steps)
-            seq.prm_pending.append(step_text)
+            seq.queue_for_prm(step_text)
 
     def start(task):
         return start_seq(task, ctx, [draft, target])

@@ -52,8 +52,8 @@ def run(tasks, ctx: Context):
             new = (kept + ([extra] if extra is not None else []))[: seq.left]
             before = len(seq.tokens)
             # Both caches may hold proposals past the last kept one: forget them.
-            seq.cache("target").crop(before + len(kept))
-            seq.cache("draft").crop(before + len(kept))
+            seq.rewind("target", before + len(kept))
+            seq.rewind("draft", before + len(kept))
             seq.ledger.draft.discarded_tokens += len(prop.tokens) - len(kept)
             if extra is not None and len(new) > len(kept):
                 seq.ledger.target.generated_tokens += 1
