@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from .errors import UserError
 
+
 log = logging.getLogger("rsd_batch")
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import CalibrateGoal
-from .files import write_json
 from .errors import UserError
+from .files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
 from .config import ExportConfig, ExportLayout, to_container
+from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .merge import current_summary, merged_path
 from .models import prompt_messages
 from .runner import RUN_FILE
-from .errors import UserError
 
 
 class ExportError(UserError, RuntimeError):

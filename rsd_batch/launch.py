@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, to_container
-from .files import read_json, write_json
 from .errors import UserError
+from .files import read_json, write_json
 
 log = logging.getLogger(__name__)
 

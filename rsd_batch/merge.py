@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import UserError
 from .files import atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE, result_paths
 from .shards import read_manifest, read_shard
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 

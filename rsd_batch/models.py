@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .config import Dtype, ModelConfig, PromptConfig
-from .ledger import CostModel
 from .errors import UserError
+from .ledger import CostModel
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import AnswerFormat, DatasetConfig, OnBadRow, OnDuplicateId
-from .grading import gold_answer
 from .errors import UserError
+from .grading import gold_answer
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
            ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}

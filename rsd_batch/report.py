@@ -13,10 +13,10 @@ import math
 from pathlib import Path
 
 from .config import method_label
+from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .ledger import ROLES
 from .runner import RUN_FILE
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 

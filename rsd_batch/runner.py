@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Optional
 import pyarrow as pa
 
 from .config import Config, EngineName, method_identity, to_container
+from .errors import UserError
 from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
 from .shards import read_manifest, read_shard, shard_name
-from .errors import UserError
 
 if TYPE_CHECKING:  # the decode side (torch) loads only when a shard really runs
     from .methods import Context, Method, Result

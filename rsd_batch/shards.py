@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import DatasetConfig, to_container
+from .errors import UserError
 from .files import atomic_path, fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .problems import ProblemSet
-from .errors import UserError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
