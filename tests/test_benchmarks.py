@@ -22,10 +22,12 @@ def test_gpu_benchmark_runs_scaled_down_on_the_cpu():
     assert list(rows) == ["target_only", "rsd, 0% accepted", "rsd, 50% accepted", "rsd, 90% accepted"]
     assert rows["rsd, 0% accepted"][1] == "0%"  # ω = 0 accepts nothing
     assert rows["target_only"][7] != "-" and rows["target_only"][5] == "-"  # target only, no draft
-    tok_s = {k: float(r[3].replace(",", "")) for k, r in rows.items()}  # output tok/s
-    assert all(v > 0 for v in tok_s.values())
-    # A property of the numbers: accepting 90% of draft steps outruns accepting none (measured ~1.9x)
-    assert tok_s["rsd, 90% accepted"] > 1.3 * tok_s["rsd, 0% accepted"]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows.values())  # output tok/s (never timed here)
+    # A property of the numbers: the acceptance each row measures is the one it set (ω constant),
+    # over 64 x 8 draws
+    measured = {k: int(r[1].rstrip("%")) for k, r in rows.items() if r[1]}
+    assert measured["rsd, 0% accepted"] == 0 and 35 <= measured["rsd, 50% accepted"] <= 65
+    assert 80 <= measured["rsd, 90% accepted"] <= 98
 
 
 def test_foundation_benchmark_small():
