@@ -48,8 +48,10 @@ def shard(cfg: DictConfig) -> dict:
 
 @user_errors
 def run(cfg: DictConfig) -> dict:
+    from .config import check_settings
     from .launch import launch
 
+    check_settings(cfg)
     # launcher=local/debug: runs here; slurm: submits the arrays and returns; run.dry_run: the plan.
     report = launch(cfg)
     if "ran" in report:
@@ -93,7 +95,9 @@ def report(cfg: DictConfig) -> dict:
 @user_errors
 def calibrate(cfg: DictConfig) -> dict:
     from .calibrate import calibrate as run_calibration, format_calibration
+    from .config import check_settings
 
+    check_settings(cfg)
     result = run_calibration(cfg)
     print(format_calibration(result))
     return result
@@ -112,8 +116,12 @@ def export(cfg: DictConfig) -> dict:
     return rep
 
 
+@user_errors
 def main(cfg: DictConfig) -> dict:
     """shard -> run -> merge in one go (each step skips what is already done)."""
+    from .config import check_settings
+
+    check_settings(cfg)  # before the shards are written
     shard(cfg)
     if str(cfg.launcher.name) == "slurm" and not cfg.run.dry_run:
         # Submitting does not wait: the merge becomes a job that runs after the tasks (afterok).

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .errors import UserError
+
 
 class Choice(str, Enum):
     """A config enum that reads as its value in interpolations (`runs/${method.name}`)."""
@@ -361,6 +363,40 @@ def register() -> None:
         OmegaConf.register_new_resolver("rsd_root", lambda: str(ROOT))
     if not OmegaConf.has_resolver("method_slug"):
         OmegaConf.register_new_resolver("method_slug", method_slug)
+
+
+class SettingsError(UserError, ValueError):
+    """A setting whose value is out of range (the schema checks only its type)."""
+
+
+# key -> (test, what is allowed). Checked before anything is read, loaded or written.
+_RANGES = {
+    "run.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "method.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "method.max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "method.n": (lambda v: v >= 1, "an integer >= 1"),
+    "method.temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
+    "method.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "method.top_k": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "method.threshold": (lambda v: v >= 0, ">= 0 (above 1: every draft step is rewritten)"),
+    "method.constant": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "method.sigmoid_tau": (lambda v: v > 0, "> 0"),
+    "method.rewrite_share": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "method.prm_batch_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "method.speculative_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "method.candidates": (lambda v: v >= 1, "an integer >= 1"),
+    "method.beam_width": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def check_settings(cfg: Any) -> None:
+    """Refuse a value out of range with one line naming the key and what it takes."""
+    from omegaconf import OmegaConf
+
+    for key, (ok, allowed) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise SettingsError(f"{key}={value}: must be {allowed}")
 
 
 def to_container(node: Any) -> Any:

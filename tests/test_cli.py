@@ -78,3 +78,18 @@ def test_commands_that_decode_nothing_import_no_torch(job, tiny_run_args, tmp_pa
             "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert "heavy: []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("run.batch_size=0", "run.batch_size=0: must be an integer >= 1"),
+    ("method.max_new_tokens=0", "method.max_new_tokens=0: must be an integer >= 1"),
+    ("method.threshold=-0.1", "method.threshold=-0.1: must be >= 0 (above 1: every draft step is rewritten)"),
+    ("method.top_p=1.5", "method.top_p=1.5: must be in (0, 1]"),
+    ("method.rewrite_share=2", "method.rewrite_share=2.0: must be in [0, 1]"),
+])
+def test_settings_out_of_range_are_refused_before_anything_runs(setting, message, tiny_run_args, tmp_path):
+    run_dir = tmp_path / "fresh"
+    proc = cli("main", *tiny_run_args, f"run.dir={run_dir}", setting, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-1000:]
+    # not sharded, no run claimed (Hydra's own log folder is all there is)
+    assert [p.name for p in run_dir.iterdir()] == ["logs"]
