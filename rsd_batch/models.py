@@ -96,8 +96,7 @@ def load_causal_lm(cfg: ModelConfig, role: str, key: str | None = None) -> Loade
         device = torch.device(cfg.device)
         model.to(device)
     model.eval()
-    eos = eos_ids(cfg.path, tok, model.generation_config)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    eos, pad = eos_and_pad(cfg.path, tok, model.generation_config)
     max_context = context_of(cfg, model.config)
     cost = CostModel.from_model(model)
     log.info("loaded %s from %s: %.2fM params (%.2fM non-embedding), %s on %s, context %d",
@@ -161,6 +160,12 @@ def eos_ids(path: str, tok, generation_config) -> frozenset[int]:
         raise ModelLoadError(f"{path}: neither the tokenizer nor generation_config names an EOS "
                              "token, so generation could never stop. Fix the model folder.")
     return frozenset(eos)
+
+
+def eos_and_pad(path: str, tok, generation_config) -> tuple[frozenset[int], int]:
+    """The ids that end generation, and the padding id (the tokenizer's, else the smallest EOS)."""
+    eos = eos_ids(path, tok, generation_config)
+    return eos, tok.pad_token_id if tok.pad_token_id is not None else min(eos)
 
 
 def context_of(cfg: ModelConfig, config) -> int:

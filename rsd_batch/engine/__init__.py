@@ -8,4 +8,5 @@ from .steps import (FixedLength, Seq, StepOut, StepStopper, generate_step, gener
 
 __all__ = ["KVBatch", "RowKV", "SamplingParams", "distribution", "draw", "filtered_probs",
            "sample_generator", "sample_next", "FixedLength", "Seq", "StepOut", "StepStopper",
-           "generate_step", "generate_steps", "length_groups", "prm_chunks", "reject_candidate", "run_rounds", "score_steps", "score_tokens", "stopper_for"]
+           "generate_step", "generate_steps", "length_groups", "prm_chunks", "reject_candidate", "run_rounds",
+           "score_steps", "score_tokens", "stopper_for"]

@@ -162,12 +162,12 @@ def load_policy(cfg, role: str, plan: list[dict]):
         gen = GenerationConfig.from_pretrained(node.path, revision=node.revision)
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         gen = None
-    eos = models.eos_ids(node.path, tok, gen)
+    eos, pad = models.eos_and_pad(node.path, tok, gen)
     llm = _engine(cfg, role, plan)
     # `device` is where this process's tensors for it live: vLLM places the model itself.
     return models.LoadedModel(role=role, model=llm, tokenizer=tok, cost=CostModel.from_config(config),
                               device=torch.device("cpu"), max_context=models.context_of(node, config),
-                              eos_ids=eos, pad_id=tok.pad_token_id if tok.pad_token_id is not None else min(eos),
+                              eos_ids=eos, pad_id=pad,
                               backend=_this_module(), vocab_size=config.get_text_config().vocab_size)
 
 
