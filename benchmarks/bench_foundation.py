@@ -28,7 +28,6 @@ from rsd_batch.files import write_arrow, write_json
 from rsd_batch.ledger import Ledger
 from rsd_batch.merge import merge_run
 from rsd_batch.methods import Result, Step
-from rsd_batch.problems import load_problems
 from rsd_batch.runner import (RUN_FILE, _finish_shard, committed_keys, part_name, pending_work, records_table,
                               result_paths)
 from rsd_batch.shards import read_shard, write_shards
@@ -84,7 +83,7 @@ def main() -> None:
         from omegaconf import OmegaConf
         cfg = OmegaConf.structured(cfg)
         t = time.perf_counter()
-        manifest = write_shards(load_problems(cfg), cfg, run_dir)
+        manifest = write_shards(cfg, run_dir)
         timings.append(("shard", args.rows, time.perf_counter() - t, 20.0))
 
         # A run whose samples are all committed as batch parts, none finalised yet.

@@ -32,11 +32,11 @@ def user_errors(fn):
 
 @user_errors
 def shard(cfg: DictConfig) -> dict:
-    from .problems import load_problems
+    from .config import check_settings
     from .shards import write_shards
 
-    problems = load_problems(cfg.dataset)
-    manifest = write_shards(problems, cfg.dataset, Path(cfg.run.dir), fresh=cfg.run.fresh)
+    check_settings(cfg)
+    manifest = write_shards(cfg.dataset, Path(cfg.run.dir), fresh=cfg.run.fresh)
     print(f"sharded {manifest['num_rows']} problems of {cfg.dataset.name} into "
           f"{len(manifest['shards'])} shards: {Path(cfg.run.dir) / 'manifest.json'}")
     if manifest.get("quarantine"):

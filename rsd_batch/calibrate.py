@@ -50,7 +50,6 @@ def _goal_text(cfg) -> str:
 
 def calibrate(cfg) -> dict:
     from .merge import merged_summary
-    from .problems import load_problems
     from .runner import run
     from .shards import write_shards
 
@@ -63,7 +62,7 @@ def calibrate(cfg) -> dict:
     root = calibrate_dir(cfg)
     pilot_dir = root / "pilot"
     dataset = OmegaConf.merge(cfg.dataset, {"limit": c.pilot})
-    write_shards(load_problems(dataset), dataset, pilot_dir, fresh=cfg.run.fresh)
+    write_shards(dataset, pilot_dir, fresh=cfg.run.fresh)
     models: dict = {}
     probes: dict[float, dict] = {}
 

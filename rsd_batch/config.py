@@ -67,7 +67,9 @@ class DatasetConfig:
     on_bad_row: OnBadRow = OnBadRow.error
     on_duplicate_id: OnDuplicateId = OnDuplicateId.error
     num_shards: Optional[int] = None  # null: as many as shard_size needs
-    shard_size: int = 1000
+    # null: the larger of 250 rows and rows / 1000, i.e. at most 1,000 shards (SLURM's default MaxArraySize
+    # is 1001) and never shards so small that loading the models outweighs the work (rsd_batch.shards)
+    shard_size: Optional[int] = None
 
 
 class Dtype(Choice):
@@ -371,6 +373,9 @@ class SettingsError(UserError, ValueError):
 
 # key -> (test, what is allowed). Checked before anything is read, loaded or written.
 _RANGES = {
+    "dataset.shard_size": (lambda v: v >= 1, "an integer >= 1, or null (the default: rows / 1000, at least 250)"),
+    "dataset.num_shards": (lambda v: v >= 1, "an integer >= 1, or null (as many as shard_size needs)"),
+    "dataset.limit": (lambda v: v >= 1, "an integer >= 1, or null (every row)"),
     "run.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "method.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "method.max_steps": (lambda v: v >= 1, "an integer >= 1"),

@@ -17,8 +17,10 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
+def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it, rename it over `path` and fsync the folder.
+    `durable=False` keeps the temp-then-rename but leaves the flush to the kernel: for files whose
+    sha256 is checked on every read and which can be made again (shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -27,15 +29,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,11 +56,16 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_arrow(path: Path, table: pa.Table) -> None:
-    """An Arrow IPC file (random access, memory-mappable), written atomically."""
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+def write_arrow(path: Path, table: pa.Table, durable: bool = True) -> str:
+    """An Arrow IPC file (random access, memory-mappable), written atomically; returns its sha256
+    (hashed from memory, so the file is not read back)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    buf = sink.getvalue()
+    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
+        f.write(buf)
+    return hashlib.sha256(buf).hexdigest()
 
 
 def read_arrow(path: Path, columns: list[str] | None = None) -> pa.Table:

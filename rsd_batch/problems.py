@@ -4,17 +4,26 @@ Every source becomes one Arrow table with the columns
     id (string), problem (string), answer (string, null when there is no gold), source_row (int64)
 and, when the source has other columns, `metadata` (a struct of them, passed through to the output).
 
+A source is read as a stream of blocks (about 32 MB of text, or one record batch), each mapped and
+validated on its own, so memory does not grow with the file and one bad line sends only its block
+down the line-by-line path. A set of several files (a folder, a glob) adds `source_file`.
+`rsd_batch.staging` puts the blocks together (duplicate ids, one schema); `load_problems` is that,
+in memory.
+
 Bad input never disappears silently: with `on_bad_row=error` the first bad row stops the job with
 one message naming the file, the row and the field; with `on_bad_row=skip` bad rows are returned as
 `BadRow`s for the quarantine file. This module knows nothing about models.
 """
 from __future__ import annotations
 
+import functools
+import glob
 import hashlib
 import json
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +35,9 @@ from .grading import gold_answer
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
            ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
+COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # text formats only: .jsonl.gz, .jsonl.zst, .csv.gz, ...
+BLOCK_BYTES = 32 << 20  # text read per block: big enough for Arrow's readers to run at full speed
+BATCH_ROWS = 65_536  # rows per block of a columnar source (parquet, arrow, a datasets folder)
 HINT_SKIP = "or set dataset.on_bad_row=skip to quarantine such rows"
 
 
@@ -40,9 +52,10 @@ class BadRow:
     reason: str
     hint: str
     raw: Any = None  # the row as read, for the quarantine file
+    file: Optional[str] = None  # the file it is in, when the problem set is several files
 
     def describe(self, source: str, unit: str) -> str:
-        where = f"{source}: {unit} {self.row}"
+        where = f"{self.file or source}: {unit} {self.row}"
         if self.field is not None:
             where += f", field '{self.field}'"
         return f"{where}: {self.reason}. {self.hint}"
@@ -56,40 +69,184 @@ class ProblemSet:
 
 
 def load_problems(cfg: DatasetConfig) -> ProblemSet:
+    """The whole problem set in memory (tests, pilots); `rsd-batch shard` streams it instead."""
+    from .staging import stage
+
+    staged = stage(open_problems(cfg), cfg)
+    batches = list(staged.batches())
+    table = pa.concat_tables(batches) if batches else None
+    return ProblemSet(table=table.combine_chunks(), bad_rows=staged.bad_rows, source=staged.source)
+
+
+@dataclass
+class Block:
+    """Rows of one block, mapped and validated: `table` has id, problem, answer, source_row
+    (, source_file)(, metadata); `json_fields` are metadata fields held as JSON text (mixed types)."""
+    table: pa.Table
+    bad: list[BadRow]
+    json_fields: set = field(default_factory=set)
+
+
+@dataclass
+class ProblemSource:
+    """Where the rows come from and what the manifest records of it; `blocks()` reads them."""
+    identity: Callable[[], dict]  # path/name, format, sha256 or fingerprint: files hash on a thread
+    name: str
+    unit: str  # "line" (JSON lines) or "row"
+    read: Callable[[], Iterator[tuple[pa.Table, list[BadRow]]]]  # raw blocks with source_row
+
+    @property
+    def source(self) -> dict:
+        return self.identity()
+
+    def blocks(self, cfg: DatasetConfig) -> Iterator[Block]:
+        columns: Optional[list[str]] = None  # the first block with rows decides the columns
+        bad_before: list[BadRow] = []
+        seen = 0
+        for raw, bad in _ahead(self.read()):
+            if cfg.limit is not None and seen + len(raw) >= cfg.limit:
+                raw = raw.slice(0, cfg.limit - seen)
+                last = int(raw["source_row"][-1].as_py()) if len(raw) else 0
+                bad = [b for b in bad if b.row <= last]
+            seen += len(raw)
+            names = [c for c in raw.column_names if c not in ("source_row", "source_file")]
+            if columns is None:
+                if not names:
+                    bad_before += bad
+                    continue
+                columns = names
+                _check_fields(cfg, columns, self.name)
+            mapped, more_bad, json_fields = _map_fields(raw, cfg, columns)
+            mapped = _with_ids(mapped, cfg)
+            if bad_before:
+                bad, bad_before = bad_before + bad, []
+            yield Block(mapped, sorted(bad + more_bad, key=lambda b: (b.file or "", b.row)), json_fields)
+            if cfg.limit is not None and seen >= cfg.limit:
+                return
+        if columns is None:
+            _no_rows(self.name, bad_before, self.unit)
+
+
+def _ahead(blocks: Iterator, depth: int = 1) -> Iterator:
+    """Read the next block on a thread while this one is checked: Arrow's parser lets go of the GIL,
+    so the two cores overlap parsing with validation, hashing and writing."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in blocks:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="rsd-read-ahead")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def open_problems(cfg: DatasetConfig) -> ProblemSource:
+    """The problem set named by `dataset.source`, ready to stream; its identity is known already
+    (files are hashed first), so an unchanged set can be recognised without parsing it."""
     fmt = detect_format(cfg)
     if fmt == "hf":
-        raw, source = _read_hub(cfg)
-    elif fmt == "disk":
-        raw, source = _read_disk(cfg)
+        ds, source = _read_hub(cfg)
+        return ProblemSource(lambda: source, cfg.source, "row", lambda: _dataset_blocks(ds))
+    if fmt == "disk":
+        ds, source = _read_disk(cfg)
+        return ProblemSource(lambda: source, source["path"], "row", lambda: _dataset_blocks(ds))
+    files = source_files(cfg.source)
+    unit = "line" if fmt in ("jsonl", "json") else "row"
+    # The files' sha256 is computed beside the parsing (hashlib lets go of the GIL): half a second per GB.
+    pool = ThreadPoolExecutor(1)
+    hashing = pool.submit(lambda: [_file_identity(f) for f in files])
+    pool.shutdown(wait=False)
+    if len(files) == 1:
+        path = files[0]
+        compression = COMPRESSION.get(path.suffix.lower())
+
+        def identity() -> dict:
+            source = {"path": str(path.resolve()), "format": fmt, **hashing.result()[0]}
+            return {**source, "compression": compression} if compression else source
+        return ProblemSource(functools.cache(identity), str(path), unit,
+                             lambda: _file_blocks(path, fmt, cfg, None))
+    base = Path(cfg.source)
+    base = base if base.is_dir() else Path(glob.escape(cfg.source)).parent
+    names = [str(f.relative_to(base)) if f.is_relative_to(base) else str(f) for f in files]
+
+    def identities() -> dict:
+        hashes = hashing.result()
+        listing = "".join(f"{n} {h['sha256']}\n" for n, h in zip(names, hashes))
+        return {"path": str(Path(cfg.source).resolve()) if base == Path(cfg.source) else cfg.source,
+                "format": fmt, "files": [{"name": n, **h} for n, h in zip(names, hashes)],
+                "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                "bytes": sum(h["bytes"] for h in hashes)}
+
+    def read() -> Iterator[tuple[pa.Table, list[BadRow]]]:
+        for f, n in zip(files, names):
+            yield from _file_blocks(f, fmt, cfg, n)
+    return ProblemSource(functools.cache(identities), cfg.source, unit, read)
+
+
+def source_files(source: str) -> list[Path]:
+    """The files of a problem set: one file, every problem-set file in a folder, or a glob's matches."""
+    path = Path(source)
+    if any(ch in source for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source) if Path(p).is_file())
+        if not files:
+            raise ProblemSetError(f"{source}: no file matches this pattern. Check dataset.source.")
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and _file_format(p) is not None)
+        if not files:
+            raise ProblemSetError(f"{path}: a folder with no problem-set file in it (and not one written "
+                                  "by datasets' save_to_disk). Point dataset.source at a file or a glob.")
     else:
-        path = Path(cfg.source)
-        data = path.read_bytes()
-        source = {"path": str(path.resolve()), "format": fmt,
-                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        raw = _read_file(path, data, fmt, cfg)
-    table, bad = raw
-    unit = "line" if fmt == "jsonl" else "row"
-    if not [c for c in table.column_names if c != "source_row"]:
-        _no_rows(source.get("path") or source.get("name"), bad, unit)
-    if cfg.limit is not None:
-        table = table.slice(0, cfg.limit)
-        bad = [b for b in bad if b.row <= (int(table["source_row"][-1].as_py()) if len(table) else 0)]
-    table, more_bad = _map_fields(table, cfg)
-    bad = sorted(bad + more_bad, key=lambda b: b.row)
-    table, dup_bad, dropped = _assign_ids(table, cfg, unit)
-    bad += dup_bad
-    name = source.get("path") or source.get("name")
-    if bad and cfg.on_bad_row == OnBadRow.error:
-        first = bad[0]
-        msg = first.describe(name, unit)
-        if len(bad) > 1:
-            msg += f" ({len(bad) - 1} more bad rows after this one.)"
-        raise ProblemSetError(msg)
-    if len(table) == 0:
-        raise ProblemSetError(f"{name}: no usable rows (read {len(bad)} bad ones). "
-                              "Check dataset.source and dataset.fields.")
-    source["unit"] = unit
-    return ProblemSet(table=table, bad_rows=sorted(bad + dropped, key=lambda b: b.row), source=source)
+        return [path]
+    kinds = {_file_format(f) for f in files}
+    if len(kinds) != 1:
+        raise ProblemSetError(f"{source}: the files are of different formats ({', '.join(sorted(map(str, kinds)))}); "
+                              "one problem set is one format. Narrow dataset.source with a glob.")
+    return files
+
+
+def _file_format(path: Path) -> Optional[str]:
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes = suffixes[:-1]
+        fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+        return fmt if fmt in ("jsonl", "json", "csv") else None
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _file_identity(path: Path) -> dict:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            n += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": n}
 
 
 def _no_rows(name: str, bad: list[BadRow], unit: str) -> None:
@@ -116,68 +273,183 @@ def detect_format(cfg: DatasetConfig) -> str:
     if cfg.source.startswith("hf:"):
         return "hf"
     path = Path(cfg.source)
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return "disk"
-        raise ProblemSetError(f"{path}: a folder, but not one written by datasets' save_to_disk. "
-                              "Point dataset.source at a file inside it.")
-    if not path.exists():
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        return "disk"
+    if not path.exists() and not any(ch in cfg.source for ch in "*?["):
         raise ProblemSetError(f"{path}: no such file. Set dataset.source to a local file "
-                              "(.jsonl .json .parquet .csv .arrow), a save_to_disk folder, "
+                              "(.jsonl .json .parquet .csv .arrow, optionally .gz/.zst for text), "
+                              "a folder or glob of such files, a save_to_disk folder, "
                               "or hf:<dataset name> for the Hugging Face hub.")
-    fmt = FORMATS.get(path.suffix.lower())
+    files = source_files(cfg.source)
+    fmt = _file_format(files[0])
     if fmt is None:
-        raise ProblemSetError(f"{path}: unknown file type '{path.suffix}'. Use one of "
-                              f"{', '.join(sorted(FORMATS))}, or set dataset.format explicitly.")
+        raise ProblemSetError(f"{files[0]}: unknown file type '{''.join(files[0].suffixes[-2:])}'. Use one of "
+                              f"{', '.join(sorted(FORMATS))} (text ones also .gz or .zst), or set "
+                              "dataset.format explicitly.")
     return fmt
 
 
 # ---------------------------------------------------------------- reading each kind of source
 
 
-def _read_file(path: Path, data: bytes, fmt: str, cfg: DatasetConfig):
-    if fmt == "json" and data.lstrip()[:1] != b"[":
-        fmt = "jsonl"  # a .json file holding JSON lines
-    if fmt == "jsonl":
-        return _read_jsonl(data)
+def _file_blocks(path: Path, fmt: str, cfg: DatasetConfig, name: Optional[str]):
+    """Raw blocks of one file, each with `source_row` (and `source_file` when `name` is given)."""
+    for table, bad in _raw_file_blocks(path, fmt, cfg):
+        if name is not None:
+            table = table.append_column("source_file", pa.array([name] * len(table), pa.string()))
+            for b in bad:
+                b.file = name
+        yield table, bad
+
+
+def _raw_file_blocks(path: Path, fmt: str, cfg: DatasetConfig):
+    compression = COMPRESSION.get(path.suffix.lower())
     if fmt == "json":
-        try:
-            rows = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ProblemSetError(f"{path}: not UTF-8 at byte {e.start}. Re-encode the file as "
-                                  "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
-        except json.JSONDecodeError as e:
-            raise ProblemSetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
-                                  f"{e.msg}. Fix the file, or convert it to JSON lines.") from None
-        if not isinstance(rows, list):
-            raise ProblemSetError(f"{path}: a .json problem set must be a list of objects.")
-        return _rows_to_table(list(enumerate(rows, 1)), cfg, [])
+        with pa.input_stream(str(path), compression=compression) as f:
+            head = f.read(1 << 16)
+        if head.lstrip()[:1] != b"[":
+            fmt = "jsonl"  # a .json file holding JSON lines
     try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(pa.BufferReader(data))
+        if fmt == "jsonl":
+            for data, line, newlines in _text_blocks(path, compression, _after_last_newline):
+                table, bad = _read_jsonl(data, newlines)
+                yield _shift_rows(table, bad, line - 1)
         elif fmt == "csv":
-            return _read_csv(data, cfg)
+            yield from _csv_blocks(path, compression, cfg)
+        elif fmt == "json":
+            with pa.input_stream(str(path), compression=compression) as f:
+                yield _read_json_array(path, f.read(), cfg)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+            n = 0
+            for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=BATCH_ROWS):
+                yield _numbered(pa.Table.from_batches([batch]), n), []
+                n += batch.num_rows
         else:
-            table = _read_ipc(data)
+            yield from _ipc_blocks(path)
     except ProblemSetError:
         raise
     except (pa.ArrowInvalid, OSError) as e:
         raise ProblemSetError(f"{path}: cannot be read as {fmt}: {e}. Check the file type, "
                               "or set dataset.format.") from None
-    return table.append_column("source_row", pa.array(np.arange(1, len(table) + 1))), []
 
 
-def _read_ipc(data: bytes) -> pa.Table:
+def _numbered(table: pa.Table, before: int) -> pa.Table:
+    return table.append_column("source_row", pa.array(np.arange(before + 1, before + len(table) + 1)))
+
+
+def _shift_rows(table: pa.Table, bad: list[BadRow], by: int) -> tuple[pa.Table, list[BadRow]]:
+    if by:
+        i = table.schema.get_field_index("source_row")
+        table = table.set_column(i, "source_row", pc.add(table["source_row"], pa.scalar(by, pa.int64())))
+        for b in bad:
+            b.row += by
+    return table, bad
+
+
+def _text_blocks(path: Path, compression: Optional[str], cut: Callable[[bytes], int]):
+    """(bytes, number of its first line, newlines in it) of whole records, about BLOCK_BYTES each;
+    `cut` says where the last whole record of a buffer ends (0: none yet, read more). A plain file is
+    read block by block from the byte after the last whole record (no copy of the block); a
+    compressed one carries the partial record over."""
+    if compression is None:
+        with open(path, "rb", buffering=0) as f:
+            pos, line, size = 0, 1, BLOCK_BYTES
+            while True:
+                f.seek(pos)
+                chunk = f.read(size)
+                if not chunk:
+                    return
+                k = len(chunk) if len(chunk) < size else cut(chunk)
+                if k <= 0:
+                    size *= 2  # a record longer than the block
+                    continue
+                newlines = chunk.count(b"\n", 0, k)
+                yield (chunk if k == len(chunk) else memoryview(chunk)[:k]), line, newlines
+                line, pos, size = line + newlines, pos + k, BLOCK_BYTES
+    line = 1
+    carry = b""
+    with pa.input_stream(str(path), compression=compression) as f:
+        while True:
+            chunk = f.read(BLOCK_BYTES)
+            data = carry + chunk if carry else chunk
+            if not chunk:
+                if data:
+                    yield data, line, data.count(b"\n")
+                return
+            k = cut(data)
+            if k <= 0:
+                carry = data
+                continue
+            block, carry = data[:k], data[k:]
+            newlines = block.count(b"\n")
+            yield block, line, newlines
+            line += newlines
+
+
+def _after_last_newline(data: bytes) -> int:
+    return data.rfind(b"\n") + 1
+
+
+def _after_last_unquoted_newline(data: bytes) -> int:
+    """A newline inside a quoted CSV cell is not a record's end: quotes before it must be even."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    if not len(newlines):
+        return 0
+    quotes = np.cumsum(buf == 34)[newlines]
+    outside = newlines[quotes % 2 == 0]
+    return int(outside[-1]) + 1 if len(outside) else 0
+
+
+def _csv_blocks(path: Path, compression: Optional[str], cfg: DatasetConfig):
+    header = None
+    records = 0
+    for data, line, _ in _text_blocks(path, compression, _after_last_unquoted_newline):
+        data = bytes(data)
+        if header is None:
+            end = _after_last_unquoted_newline(data[: data.find(b"\n") + 1]) or len(data)
+            header = data[:end]
+            table, bad = _read_csv(data, cfg, records)
+        else:
+            table, bad = _read_csv(header + data, cfg, records, line_offset=line - 2)
+        records += len(table) + len(bad)
+        yield table, bad
+
+
+def _read_json_array(path: Path, data: bytes, cfg: DatasetConfig):
     try:
-        return pa.ipc.open_file(pa.BufferReader(data)).read_all()
-    except pa.ArrowInvalid:
-        return pa.ipc.open_stream(pa.BufferReader(data)).read_all()  # datasets writes streams
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProblemSetError(f"{path}: not UTF-8 at byte {e.start}. Re-encode the file as "
+                              "UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    except json.JSONDecodeError as e:
+        raise ProblemSetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}. Fix the file, or convert it to JSON lines.") from None
+    if not isinstance(rows, list):
+        raise ProblemSetError(f"{path}: a .json problem set must be a list of objects.")
+    return _rows_to_table(list(enumerate(rows, 1)), cfg, [])
 
 
-def _read_csv(data: bytes, cfg: DatasetConfig) -> tuple[pa.Table, list[BadRow]]:
-    """One CSV file: lines that are not UTF-8 and ragged rows become bad rows naming their data row
-    (line − 1), so they can be quarantined; a cell of any size fits (the file is one block)."""
+def _ipc_blocks(path: Path):
+    with pa.memory_map(str(path), "r") as src:
+        try:
+            reader = pa.ipc.open_file(src)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            src.seek(0)
+            batches = iter(pa.ipc.open_stream(src))  # datasets writes streams
+        n = 0
+        for batch in batches:
+            yield _numbered(pa.Table.from_batches([batch]), n), []
+            n += batch.num_rows
+
+
+def _read_csv(data: bytes, cfg: DatasetConfig, records_before: int = 0,
+              line_offset: int = 0) -> tuple[pa.Table, list[BadRow]]:
+    """One block of CSV (header first): lines that are not UTF-8 and ragged rows become bad rows
+    naming their data row (line − 1), so they can be quarantined; a cell of any size fits (the block
+    is read whole). `line_offset`: lines of the file before this block's first data line, less one."""
     import pyarrow.csv as pcsv
 
     bad: list[BadRow] = []
@@ -213,22 +485,28 @@ def _read_csv(data: bytes, cfg: DatasetConfig) -> tuple[pa.Table, list[BadRow]]:
     skipped = {b.row for b in bad}
     rows = [n for n in nonempty if n not in skipped]
     if len(rows) != len(table):  # cells spanning lines: count rows instead
-        rows = list(range(1, len(table) + 1))
-    return table.append_column("source_row", pa.array(rows, pa.int64())), sorted(bad, key=lambda b: b.row)
+        rows = list(range(records_before + 1 - line_offset, records_before + len(table) + 1 - line_offset))
+    table = table.append_column("source_row", pa.array(rows, pa.int64()))
+    return _shift_rows(table, sorted(bad, key=lambda b: b.row), line_offset)
 
 
-def _read_jsonl(data: bytes):
-    """Fast path with Arrow's reader; on any complaint, a line-by-line pass that names the line."""
+def _read_jsonl(data, newlines: Optional[int] = None):
+    """Fast path with Arrow's reader; on any complaint, a line-by-line pass that names the line.
+    `data`: bytes or a memoryview of them."""
     import pyarrow.json as pjson
     try:
-        data.decode("utf-8")  # Arrow's reader lets bad bytes through; the slow path names the line
-        table = pjson.read_json(pa.BufferReader(data),
+        str(data, "utf-8")  # Arrow's reader lets bad bytes through; the slow path names the line
+        table = pjson.read_json(pa.BufferReader(pa.py_buffer(data)),
                                 read_options=pjson.ReadOptions(block_size=16 << 20))
+        n_lines = (bytes(data).count(b"\n") if newlines is None else newlines) + (len(data) > 0 and data[-1] != 10)
+        if len(table) == n_lines:  # no blank line: row i is line i
+            return table.append_column("source_row", pa.array(np.arange(1, n_lines + 1))), []
         lines = _nonblank_line_numbers(data)
         if len(table) == len(lines):
             return table.append_column("source_row", pa.array(lines)), []
     except (pa.ArrowInvalid, UnicodeDecodeError):
         pass
+    data = bytes(data)
     rows, bad = [], []
     for n, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
@@ -350,8 +628,8 @@ def _read_hub(cfg: DatasetConfig):
             "Without network access, save it where you have one "
             "(datasets.load_dataset(...).save_to_disk(DIR)) and set dataset.source=DIR, "
             "or point dataset.source at a local .jsonl/.parquet file.") from None
-    return _dataset_table(ds), {"name": cfg.source, "format": "hf", "split": cfg.split,
-                                "config": cfg.hf_config, "fingerprint": ds._fingerprint}
+    return ds, {"name": cfg.source, "format": "hf", "split": cfg.split,
+                "config": cfg.hf_config, "fingerprint": ds._fingerprint}
 
 
 def _read_disk(cfg: DatasetConfig):
@@ -362,27 +640,42 @@ def _read_disk(cfg: DatasetConfig):
             raise ProblemSetError(f"{cfg.source}: no split {cfg.split!r}; it has "
                                   f"{', '.join(ds)}. Set dataset.split.")
         ds = ds[cfg.split]
-    return _dataset_table(ds), {"path": str(Path(cfg.source).resolve()), "format": "disk",
-                                "split": cfg.split, "fingerprint": ds._fingerprint}
+    return ds, {"path": str(Path(cfg.source).resolve()), "format": "disk",
+                "split": cfg.split, "fingerprint": ds._fingerprint}
 
 
-def _dataset_table(ds):
-    table = ds.with_format("arrow")[:]  # respects an indices mapping, unlike ds.data
-    return table.append_column("source_row", pa.array(np.arange(1, len(table) + 1))), []
+def _dataset_blocks(ds):
+    arrow = ds.with_format("arrow")  # slices respect an indices mapping, unlike ds.data
+    for start in range(0, len(ds), BATCH_ROWS):
+        yield _numbered(arrow[start:start + BATCH_ROWS], start), []
 
 
 # ---------------------------------------------------------------- field mapping and validation
 
 
-def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[BadRow]]:
+def _check_fields(cfg: DatasetConfig, columns: list[str], name: str) -> None:
+    """The mapped fields against the columns of the first rows read (a later block that lacks one
+    has it missing in every row, which the row checks then report)."""
     f = cfg.fields
-    columns = [c for c in table.column_names if c != "source_row"]
     for role, col in (("problem", f.problem), ("answer", f.answer), ("id", f.id)):
         if col is not None and col not in columns:
             raise ProblemSetError(
-                f"{cfg.source}: no column '{col}' for dataset.fields.{role}; the columns are "
+                f"{name}: no column '{col}' for dataset.fields.{role}; the columns are "
                 f"{', '.join(columns)}. Set dataset.fields.{role}=<column>"
                 + (" or null." if role != "problem" else "."))
+    for c in f.metadata or []:
+        if c not in columns:
+            raise ProblemSetError(f"{name}: dataset.fields.metadata names '{c}', which is "
+                                  f"not a column ({', '.join(columns)}).")
+
+
+def _map_fields(table: pa.Table, cfg: DatasetConfig,
+                first_columns: list[str]) -> tuple[pa.Table, list[BadRow], set]:
+    f = cfg.fields
+    columns = [c for c in table.column_names if c not in ("source_row", "source_file")]
+    for col in (f.problem, f.answer, f.id, *(f.metadata or [])):
+        if col is not None and col not in columns:
+            table = table.append_column(col, pa.nulls(len(table)))
     rows = table["source_row"].combine_chunks()
     bad: dict[int, BadRow] = {}  # by table index: one complaint per row is enough
 
@@ -392,8 +685,8 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
 
     problem = _as_text(table[f.problem].combine_chunks(), f.problem, rows, bad, accept="problem")
     # Blank: nothing but whitespace, NULs, zero-width or other invisible characters.
-    visible = pc.replace_substring_regex(problem, r"[\p{Cc}\p{Cf}\p{Z}]", "")
-    empty = pc.or_kleene(pc.is_null(problem), pc.equal(visible, ""))
+    empty = pc.or_kleene(pc.is_null(problem),
+                         pc.invert(pc.match_substring_regex(problem, r"[^\p{Cc}\p{Cf}\p{Z}]")))
     flag(pc.fill_null(empty, True), f.problem, "missing or empty problem text",
          f"Fill it in or drop the row, {HINT_SKIP}")
     out = {"problem": problem}
@@ -419,16 +712,16 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
              f"the problem text, {HINT_SKIP}")
         out["id"] = ids
     out["source_row"] = rows
+    if "source_file" in table.column_names:
+        out["source_file"] = table["source_file"].combine_chunks()
     meta_cols = [c for c in columns if c not in (f.problem, f.answer, f.id)] \
         if f.metadata is None else list(f.metadata)
     if keep_raw_answer and f.answer not in meta_cols:
         meta_cols.append(f.answer)
-    for c in meta_cols:
-        if c not in columns:
-            raise ProblemSetError(f"{cfg.source}: dataset.fields.metadata names '{c}', which is "
-                                  f"not a column ({', '.join(columns)}).")
+    json_fields = set()
     if meta_cols:
         arrays = [table[c].combine_chunks() for c in meta_cols]
+        json_fields = {c for c, a in zip(meta_cols, arrays) if _is_mixed(a)}
         arrays = [_mixed_to_json(a) if _is_mixed(a) else a for a in arrays]
         out["metadata"] = pa.StructArray.from_arrays(arrays, names=meta_cols)
     mapped = pa.table(out)
@@ -439,7 +732,10 @@ def _map_fields(table: pa.Table, cfg: DatasetConfig) -> tuple[pa.Table, list[Bad
         keep = np.ones(len(table), dtype=bool)
         keep[sorted(bad)] = False
         mapped = mapped.filter(pa.array(keep))
-    return mapped, bad_rows
+        if "source_file" in table.column_names:
+            for b in bad_rows:
+                b.file = b.raw.pop("source_file", None)
+    return mapped, bad_rows, json_fields
 
 
 # What a mapped field may hold: a problem is text; an id text or a whole number; a gold answer text,
@@ -509,56 +805,18 @@ def _mixed_to_json(arr: pa.Array) -> pa.Array:
 
 def _row_as_dict(table: pa.Table, i: int) -> dict:
     row = table.slice(i, 1).to_pylist()[0]
-    return {k: (json.loads(v["__json__"]) if isinstance(v, dict) and "__json__" in v and v["__json__"]
-                else v) for k, v in row.items()}
+    def value(v: Any) -> Any:
+        if isinstance(v, dict) and set(v) == {"__type__", "__json__"}:  # a mixed-type column's cell
+            return None if v["__json__"] is None else json.loads(v["__json__"])
+        return v
+    return {k: value(v) for k, v in row.items()}
 
 
-def _assign_ids(table: pa.Table, cfg: DatasetConfig, unit: str) -> tuple[pa.Table, list[BadRow], list[BadRow]]:
-    """Ids for every row; returns (table, bad rows, rows dropped by on_duplicate_id=keep_first)."""
+def _with_ids(table: pa.Table, cfg: DatasetConfig) -> pa.Table:
+    """Every row's id: the id field, or (stable across runs and machines) a hash of the problem text."""
     if "id" not in table.column_names:
-        # Stable across runs and machines: the problem text decides the id.
         ids = pa.array([hashlib.sha256(p.encode("utf-8")).hexdigest()[:16]
                         for p in table["problem"].to_pylist()], pa.string())
         table = table.append_column("id", ids)
-    table = table.select(["id", "problem", "answer", "source_row"]
-                         + (["metadata"] if "metadata" in table.column_names else []))
-    ids = table["id"].combine_chunks()
-    counts = pc.value_counts(ids)
-    dup_values = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(dup_values) == 0:
-        return table, [], []
-    dup_mask = pc.is_in(ids, value_set=dup_values).to_numpy(zero_copy_only=False)
-    idx = np.flatnonzero(dup_mask)
-    rows = table["source_row"].to_numpy()
-    seen: dict[str, int] = {}
-    later: list[tuple[int, str, int]] = []  # (table index, id, first row)
-    for i in idx:
-        key = ids[int(i)].as_py()
-        if key in seen:
-            later.append((int(i), key, seen[key]))
-        else:
-            seen[key] = int(rows[i])
-    how = cfg.on_duplicate_id
-    if how == OnDuplicateId.number:
-        new = ids.to_pylist()
-        k: dict[str, int] = {}
-        for i, key, _ in later:
-            k[key] = k.get(key, 1) + 1
-            new[i] = f"{key}#{k[key]}"
-        return table.set_column(0, "id", pa.array(new, pa.string())), [], []
-    bad = [BadRow(int(rows[i]), cfg.fields.id or "problem",
-                  f"duplicate id '{key}' (first seen at {unit} {first})"
-                  + ("" if cfg.fields.id else ": the same problem text appears twice"),
-                  "Set dataset.on_duplicate_id=keep_first to keep the first and quarantine the "
-                  "rest, or =number to suffix later ones with #2, #3, ...",
-                  raw=table.slice(i, 1).to_pylist()[0]) for i, key, first in later]
-    # A later duplicate is never kept: on_duplicate_id=keep_first drops it quietly, otherwise it is a bad
-    # row (the job stops, or on_bad_row=skip quarantines it) — not both quarantined and sharded.
-    keep = np.ones(len(table), dtype=bool)
-    keep[[i for i, _, _ in later]] = False
-    table = table.filter(pa.array(keep))
-    if how == OnDuplicateId.keep_first:
-        for b in bad:
-            b.hint = "dropped by dataset.on_duplicate_id=keep_first"
-        return table, [], bad
-    return table, bad, []
+    return table.select(["id", "problem", "answer", "source_row"]
+                        + [c for c in ("source_file", "metadata") if c in table.column_names])

@@ -11,7 +11,6 @@ from pathlib import Path
 import datasets
 
 from rsd_batch.merge import merge_run
-from rsd_batch.problems import load_problems
 from rsd_batch.runner import run
 from rsd_batch.shards import write_shards
 
@@ -31,7 +30,7 @@ def test_sigkill_mid_shard_resumes_exactly_once(tiny_run_args, tmp_path):
     args += ["run.batch_size=1", "method.max_new_tokens=40"]
     ref_dir, kill_dir = tmp_path / "reference", tmp_path / "killed"
     ref = make_config(*args, f"run.dir={ref_dir}")
-    write_shards(load_problems(ref.dataset), ref.dataset, ref_dir)
+    write_shards(ref.dataset, ref_dir)
     run(ref)
     merge_run(ref_dir)
 

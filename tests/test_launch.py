@@ -13,7 +13,6 @@ import pytest
 
 from rsd_batch.launch import (log_error_line, parse_duration, parse_sacct, sbatch_script,
                               split_arrays, status)
-from rsd_batch.problems import load_problems
 from rsd_batch.runner import run
 from rsd_batch.shards import write_shards
 
@@ -22,7 +21,7 @@ from conftest import CLI, cli, make_config
 
 def shard_here(args: list[str]):
     cfg = make_config(*args)
-    write_shards(load_problems(cfg.dataset), cfg.dataset, Path(cfg.run.dir))
+    write_shards(cfg.dataset, Path(cfg.run.dir))
     return cfg
 
 

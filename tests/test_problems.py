@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import pyarrow as pa
@@ -46,7 +47,7 @@ def test_real_benchmark_files_shard_with_their_presets(preset, tmp_path):
     assert all(p.strip() for p in ps.table["problem"].to_pylist())
     if with_answer is not None:
         assert len(ps.table) - ps.table["answer"].null_count == with_answer
-    manifest = write_shards(ps, cfg, tmp_path)
+    manifest = write_shards(cfg, tmp_path)
     assert sum(s["rows"] for s in manifest["shards"]) == rows
     assert manifest["source"]["sha256"] and manifest["num_rows"] == rows
 
@@ -151,7 +152,7 @@ def test_bad_row_stops_before_any_shard_naming_file_line_field(case, tmp_path):
     path, field, words = bad_case(tmp_path, case)
     cfg = dataset_cfg(f"dataset.source={path}")
     with pytest.raises(ProblemSetError) as err:
-        write_shards(load_problems(cfg), cfg, tmp_path / "run")
+        write_shards(cfg, tmp_path / "run")
     msg = str(err.value)
     assert str(path.resolve()) in msg and "line 3" in msg and words in msg
     if field:
@@ -164,7 +165,7 @@ def test_bad_row_stops_before_any_shard_naming_file_line_field(case, tmp_path):
 def test_skip_quarantines_bad_rows_and_keeps_the_rest(case, tmp_path):
     path, field, words = bad_case(tmp_path, case)
     cfg = dataset_cfg(f"dataset.source={path}", "dataset.on_bad_row=skip")
-    manifest = write_shards(load_problems(cfg), cfg, tmp_path / "run")
+    manifest = write_shards(cfg, tmp_path / "run")
     assert manifest["num_rows"] == 3 and manifest["quarantine"]["rows"] == 1
     q = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
     assert len(q) == 1 and q[0]["line"] == 3 and words in q[0]["reason"] and q[0]["field"] == field
@@ -213,7 +214,7 @@ def test_hub_name_without_network_fails_clearly(monkeypatch):
 
 def test_manifest_is_read_back(tmp_path):
     cfg = dataset_cfg("dataset=gaokao2023en", "dataset.shard_size=100")
-    write_shards(load_problems(cfg), cfg, tmp_path)
+    write_shards(cfg, tmp_path)
     m = read_manifest(tmp_path)
     assert [s["rows"] for s in m["shards"]] == [97, 96, 96, 96]
 
@@ -362,3 +363,61 @@ def test_bad_rows_through_the_command(name, tmp_path):
     assert manifest["quarantine"]["rows"] == len(quarantined) == n_bad
     kept = (2 if name == "dup.jsonl" else 1)
     assert manifest["num_rows"] == sum(s["rows"] for s in manifest["shards"]) == kept
+
+
+def test_compressed_files_read_as_their_plain_form(tmp_path):
+    """.jsonl.gz, .jsonl.zst and .csv.gz give the rows (and the shard bytes) of the plain file."""
+    import pyarrow as pa
+
+    src = Path(__file__).resolve().parents[1] / "data/toy/toy_arith_test.jsonl"
+    plain = write_shards(dataset_cfg(f"dataset.source={src}"), tmp_path / "plain")
+    for suffix, codec in ((".gz", "gzip"), (".zst", "zstd")):
+        packed = tmp_path / f"toy.jsonl{suffix}"
+        with pa.CompressedOutputStream(str(packed), codec) as out:
+            out.write(src.read_bytes())
+        m = write_shards(dataset_cfg(f"dataset.source={packed}"), tmp_path / codec)
+        assert m["source"]["compression"] == codec and m["num_rows"] == plain["num_rows"]
+        assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in plain["shards"]]
+    csv_gz = tmp_path / "set.csv.gz"
+    with pa.CompressedOutputStream(str(csv_gz), "gzip") as out:
+        out.write(b'problem,answer\n"What is 1 + 1?",2\n"Two\nlines",3\n')
+    ps = load_problems(dataset_cfg(f"dataset.source={csv_gz}", "dataset.fields.id=null"))
+    assert ps.table["problem"].to_pylist() == ["What is 1 + 1?", "Two\nlines"]
+
+
+def test_a_folder_or_glob_is_one_problem_set_with_rows_per_file(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": f"a{i}", "problem": f"p{i}", "answer": "1"} for i in range(3)])
+    write_jsonl(folder / "b.jsonl", [{"id": "b0", "problem": "q0", "answer": "2"}],
+                raw_lines=[b'{"id": "b1", "problem": '])
+    (folder / "README.md").write_text("not a problem set")
+    with pytest.raises(ProblemSetError, match=r"b.jsonl: line 2: malformed JSON"):
+        load_problems(dataset_cfg(f"dataset.source={folder}"))
+    for source in (folder, folder / "*.jsonl"):
+        ps = load_problems(dataset_cfg(f"dataset.source={source}", "dataset.on_bad_row=skip"))
+        assert ps.table["id"].to_pylist() == ["a0", "a1", "a2", "b0"]
+        assert ps.table["source_file"].to_pylist() == ["a.jsonl"] * 3 + ["b.jsonl"]
+        assert ps.table["source_row"].to_pylist() == [1, 2, 3, 1]
+        assert [(b.file, b.row) for b in ps.bad_rows] == [("b.jsonl", 2)]
+        assert [f["name"] for f in ps.source["files"]] == ["a.jsonl", "b.jsonl"]
+    write_jsonl(folder / "c.jsonl", [{"id": "a1", "problem": "again", "answer": "3"}])
+    with pytest.raises(ProblemSetError, match=r"c.jsonl: line 1, field 'id': duplicate id 'a1' "
+                                              r"\(first seen at a.jsonl, line 2\)"):
+        load_problems(dataset_cfg(f"dataset.source='{folder}/[ac].jsonl'"))
+    with pytest.raises(ProblemSetError, match="no file matches"):
+        load_problems(dataset_cfg(f"dataset.source={folder}/*.parquet"))
+
+
+def test_a_bad_line_slows_only_its_block(tmp_path, monkeypatch):
+    """A whitespace-only line is skipped like a blank one, and only its block is read line by line
+    (benchmarks/bench_shard.py times it on 1M rows)."""
+    import rsd_batch.problems as problems
+    monkeypatch.setattr(problems, "BLOCK_BYTES", 4096)
+    rows = [json.dumps({"id": f"r{i}", "problem": f"p{i}", "answer": "1"}) for i in range(400)]
+    rows[200] = "   "
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    ps = load_problems(dataset_cfg(f"dataset.source={path}"))
+    assert len(ps.table) == 399 and ps.bad_rows == []
+    assert ps.table["source_row"].to_pylist()[199:201] == [200, 202]

@@ -20,7 +20,7 @@ from conftest import cli, make_config
 
 def shard_and_run(args, *more):
     cfg = make_config(*args, *more)
-    write_shards(load_problems(cfg.dataset), cfg.dataset, Path(cfg.run.shards_from or cfg.run.dir))
+    write_shards(cfg.dataset, Path(cfg.run.shards_from or cfg.run.dir))
     return cfg, run(cfg)
 
 
@@ -199,7 +199,7 @@ def test_the_fingerprint_holds_only_the_chosen_methods_knobs(tiny_run_args):
     its own knobs changing is still refused."""
     args = [*tiny_run_args, "method=rsd"]
     cfg = make_config(*args, "dataset.limit=8")
-    write_shards(load_problems(cfg.dataset), cfg.dataset, Path(cfg.run.dir))
+    write_shards(cfg.dataset, Path(cfg.run.dir))
     first = run(make_config(*args, "dataset.limit=8", "run.batch_size=1", "method.max_new_tokens=12"))
     assert first["complete"]
     again = run(make_config(*args, "dataset.limit=8", "method.beam_width=7", "method.candidates=9",
