@@ -226,7 +226,10 @@ def _finish_shard(parts_dir: Path, final: Path, done: Path, fp: str, expected: i
         raise RuntimeError(f"{parts_dir}: {table.num_rows} committed samples, expected {expected}; "
                            "the parts were changed by something else. Delete the folder to redo the shard.")
     # Shard order, whatever the order of commits: the finished file does not depend on crashes.
-    write_arrow(final, table.sort_by([("source_row", "ascending"), ("sample_index", "ascending")]))
+    order = [("source_row", "ascending"), ("sample_index", "ascending")]
+    if "source_file" in table.column_names:  # a set of several files: rows count within each file
+        order.insert(0, ("source_file", "ascending"))
+    write_arrow(final, table.sort_by(order))
     _mark_done(final, done, parts_dir, fp)
 
 

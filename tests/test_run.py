@@ -140,6 +140,11 @@ def test_merge_refuses_missing_shard_and_bad_coverage(tiny_run_args):
     write_arrow(final1, t1.slice(1))
     with pytest.raises(MergeError, match="1 missing samples"):
         merge_run(run_dir)
+    # The right count with one sample swapped for another shard's: the fast in-order proof fails and the
+    # full check names both.
+    write_arrow(final1, pa.concat_tables([t1.slice(1), t0.slice(0, 1)]))
+    with pytest.raises(MergeError, match="1 missing samples.*1 duplicated samples"):
+        merge_run(run_dir)
     write_arrow(final1, t1)
     assert merge_run(run_dir)["samples"] == 24
 
