@@ -109,9 +109,12 @@ class Staged:
     json_fields: set = field(default_factory=set)
 
     def batches(self) -> Iterator[pa.Table]:
-        """The final rows in source order, one table per block (empty ones skipped)."""
+        """The final rows in source order, one table per block (empty ones skipped); once only: a
+        staged file is deleted as soon as it is read."""
         for i, chunk in enumerate(self.chunks):
             table = chunk.read()
+            if chunk.path is not None:
+                chunk.path.unlink()  # read (mapped) already; its dirty pages need never reach the disk
             if i in self.returned:
                 table = pa.concat_tables([table, self.returned[i]]).sort_by("_seq")
             table = table.drop_columns(["_seq"])
