@@ -122,7 +122,7 @@ def main() -> None:
         # Then `run` reads the committed ids of the shard it resumes, one shard at a time.
         _, _, parts0 = result_paths(run_dir, 0)
         t = time.perf_counter()
-        keys = committed_keys(parts0)
+        keys = committed_keys(parts0, fp)
         timings.append(("committed ids of one shard in progress", len(keys), time.perf_counter() - t, 2.0))
 
         for entry in manifest["shards"]:

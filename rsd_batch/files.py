@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from .errors import UserError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -52,8 +54,26 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+class CorruptFile(UserError, ValueError):
+    """A file of a run folder that cannot be what rsd-batch wrote there: unreadable, torn, edited."""
+
+    def __init__(self, path: Path, why: str, hint: str = "") -> None:
+        self.path, self.why = Path(path), why
+        super().__init__(f"{path}: {why}." + (f" {hint}" if hint else
+                                               " It was changed or damaged outside rsd-batch; "
+                                               "`rsd-batch doctor run.dir=<run>` says how to repair it."))
+
+
+def read_json(path: Path, keys: tuple[str, ...] = ()) -> Any:
+    """A JSON file this project wrote, with `keys` present; CorruptFile if it is not."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFile(path, f"not valid JSON ({e})") from None
+    if keys and (not isinstance(obj, dict) or any(k not in obj for k in keys)):
+        missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+        raise CorruptFile(path, f"lacks {', '.join(missing)}")
+    return obj
 
 
 def write_arrow(path: Path, table: pa.Table, durable: bool = True) -> str:
@@ -68,10 +88,39 @@ def write_arrow(path: Path, table: pa.Table, durable: bool = True) -> str:
     return hashlib.sha256(buf).hexdigest()
 
 
-def read_arrow(path: Path, columns: list[str] | None = None) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        table = pa.ipc.open_file(source).read_all()
+def read_arrow(path: Path, columns: list[str] | None = None, rows: int | None = None,
+               sha256: str | None = None) -> pa.Table:
+    """An Arrow IPC file, checked: a readable footer, and `rows` / `sha256` when the caller recorded them."""
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CorruptFile(path, "its sha256 does not match the one recorded when it was written")
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CorruptFile(path, f"not a readable Arrow file ({e})") from None
+    if rows is not None and table.num_rows != rows:
+        raise CorruptFile(path, f"{table.num_rows} rows where {rows} were written")
     return table.select(columns) if columns else table
+
+
+def move_to_corrupt(run_dir: Path, path: Path, why: str) -> Path:
+    """Set a damaged file aside in <run>/corrupt/ (never deleted: the operator may want to look)."""
+    import logging
+
+    dest_dir = Path(run_dir) / "corrupt"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    rel = Path(path).resolve().relative_to(Path(run_dir).resolve()) if Path(path).resolve().is_relative_to(
+        Path(run_dir).resolve()) else Path(Path(path).name)
+    dest = dest_dir / "__".join(rel.parts)
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = dest_dir / f"{'__'.join(rel.parts)}.{k}"
+    os.replace(path, dest)
+    logging.getLogger(__name__).warning("%s: %s; set aside as %s (what it held is redone)", path, why, dest)
+    return dest
 
 
 def sha256_file(path: Path) -> str:

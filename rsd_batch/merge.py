@@ -11,15 +11,14 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .files import atomic_path, read_arrow, read_json, write_json
+from .files import CorruptFile, atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES
-from .runner import RUN_FILE, result_paths
+from .runner import DONE_KEYS, RUN_FILE, result_paths, shard_covered
 from .shards import read_manifest, read_shard
 
 log = logging.getLogger(__name__)
@@ -73,11 +72,18 @@ def merge_run(run_dir: Path) -> dict:
         if not done.exists():
             missing_shards.append(entry["index"])
             continue
-        marker = read_json(done)
-        if marker["fingerprint"] != fp:
-            raise MergeError(f"{done}: written under config {marker['fingerprint']}, the run is {fp}; "
-                             "re-run that shard (delete the marker) or use run.fresh=true.")
-        tables.append(read_arrow(final))
+        redo = (f"Delete {final} and {done}, run `rsd-batch run run.dir={run_dir}` (it redoes that shard), "
+                "then merge again.")
+        try:
+            marker = read_json(done, DONE_KEYS)
+            if marker["fingerprint"] != fp:
+                raise MergeError(f"{done}: written under config {marker['fingerprint']}, the run is {fp}. {redo}")
+            # What merge ships is what the run wrote: the sha256 and row count of the marker.
+            tables.append(read_arrow(final, rows=marker["rows"], sha256=marker["sha256"]))
+        except CorruptFile as e:
+            raise MergeError(f"{e.path}: {e.why}. {redo}") from None
+        except FileNotFoundError:
+            raise MergeError(f"{final} is missing though {done} says the shard is done. {redo}") from None
     if missing_shards:
         shown = ", ".join(str(i) for i in missing_shards[:20])
         raise MergeError(
@@ -101,16 +107,9 @@ def merge_run(run_dir: Path) -> dict:
 def _covers_in_order(tables: list[pa.Table], shards_root: Path, manifest: dict, n: int) -> bool:
     """The fast proof: each finished shard holds exactly its shard's ids, each n times, in shard order
     (as the runner writes it). Shards share no id (sharding refuses duplicates), so this is coverage."""
-    for entry, table in zip(manifest["shards"], tables):
-        if table.num_rows != entry["rows"] * n:
-            return False
-        ids = read_shard(shards_root, manifest, entry["index"], verify=False)["id"]
-        want = ids.take(pa.array(np.repeat(np.arange(entry["rows"]), n))) if n > 1 else ids
-        if not (table["id"].equals(want) or pc.all(pc.equal(table["id"], want)).as_py()):
-            return False
-        if n > 1 and not table["sample_index"].to_numpy().tolist() == np.tile(np.arange(n), entry["rows"]).tolist():
-            return False
-    return True
+    return all(shard_covered(table, read_shard(shards_root, manifest, e["index"], verify=False)["id"]
+                             .combine_chunks(), n) is None
+               for e, table in zip(manifest["shards"], tables))
 
 
 def _check_coverage(merged: pa.Table, shards_root: Path, manifest: dict, n: int) -> None:

@@ -11,19 +11,24 @@ rest. Knows nothing about SLURM: a launcher calls `run_shard` for the shards it 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import socket
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from .config import Config, EngineName, method_identity, to_container
 from .errors import UserError
-from .files import fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
+from .files import (CorruptFile, fingerprint, move_to_corrupt, read_arrow, read_json, sha256_file, write_arrow,
+                    write_json)
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
 from .shards import read_manifest, read_shard, shard_name
@@ -115,23 +120,85 @@ def result_paths(run_dir: Path, index: int) -> tuple[Path, Path, Path]:
     return base.with_suffix(".arrow"), base.with_suffix(".done.json"), base.with_suffix(".parts")
 
 
-def shard_done(run_dir: Path, index: int, fp: str) -> bool:
+def shard_done(run_dir: Path, index: int, fp: str, adopt: Optional[Callable[[pa.Table], Optional[str]]] = None) -> bool:
+    """Whether shard `index` is finished under `fp`. A marker that is not valid JSON is set aside; a
+    finished file without its marker (a crash between the two renames) is adopted only if `adopt`
+    finds nothing wrong with it (its rows and ids), else it is set aside and the shard is redone."""
     final, done, parts = result_paths(run_dir, index)
     if done.exists():
-        return read_json(done).get("fingerprint") == fp
-    if final.exists():  # crashed between the final rename and the DONE marker: finish the commit
+        try:
+            return read_json(done, DONE_KEYS)["fingerprint"] == fp
+        except CorruptFile as e:
+            move_to_corrupt(run_dir, done, e.why)
+    if final.exists():
+        try:
+            table = read_arrow(final)
+            wrong = _fingerprint_of(table) != fp and f"written under config {_fingerprint_of(table)}, the run is {fp}"
+            wrong = wrong or (adopt(table) if adopt is not None else None)
+            if wrong:
+                raise CorruptFile(final, wrong)
+        except CorruptFile as e:
+            move_to_corrupt(run_dir, final, e.why)
+            return False
         _mark_done(final, done, parts, fp)
         return True
     return False
 
 
-def committed_keys(parts_dir: Path) -> set[tuple[str, int]]:
+DONE_KEYS = ("fingerprint", "rows", "sha256")
+
+
+def _fingerprint_of(table: pa.Table) -> str:
+    return ((table.schema.metadata or {}).get(b"rsd_batch.fingerprint") or b"").decode()
+
+
+def shard_covered(table: pa.Table, ids: pa.Array, n: int) -> Optional[str]:
+    """What is wrong with a finished shard's results against its shard's ids, or None: each id n
+    times, in shard order (as `_finish_shard` writes them)."""
+    if table.num_rows != len(ids) * n:
+        return f"{table.num_rows} samples where the shard has {len(ids)} x {n}"
+    want = ids.take(pa.array(np.repeat(np.arange(len(ids)), n))) if n > 1 else ids
+    got = table["id"].combine_chunks() if isinstance(table["id"], pa.ChunkedArray) else table["id"]
+    if not got.equals(want.combine_chunks() if isinstance(want, pa.ChunkedArray) else want):
+        return "its ids are not the shard's, each once per sample, in shard order"
+    if n > 1 and not np.array_equal(table["sample_index"].to_numpy(), np.tile(np.arange(n), len(ids))):
+        return "its sample indices are not 0..n-1 for every problem"
+    return None
+
+
+def committed_parts(parts_dir: Path, fp: str, columns: Optional[list[str]] = None) -> list[pa.Table]:
+    """The committed parts of a shard in progress, each checked (a readable footer, the rows its name
+    says, the run's fingerprint); one that fails is set aside in <run>/corrupt/ and its samples are
+    redone. The commit protocol allows only a torn last part after a machine crash, but any is caught."""
+    run_dir = parts_dir.parent.parent
+    out = []
+    for part in sorted(parts_dir.glob("part-*.arrow")):
+        try:
+            table = read_arrow(part, rows=_part_rows(part.name))
+            if _fingerprint_of(table) != fp:
+                raise CorruptFile(part, f"written under config {_fingerprint_of(table) or '?'}, the run is {fp}")
+        except CorruptFile as e:
+            move_to_corrupt(run_dir, part, e.why)
+            continue
+        out.append(table.select(columns) if columns else table)
+    return out
+
+
+def committed_keys(parts_dir: Path, fp: str) -> set[tuple[str, int]]:
     """(id, sample_index) of every committed sample of a shard in progress."""
     keys: set[tuple[str, int]] = set()
-    for part in sorted(parts_dir.glob("part-*.arrow")):
-        t = read_arrow(part, ["id", "sample_index"])
+    for t in committed_parts(parts_dir, fp, ["id", "sample_index"]):
         keys.update(zip(t["id"].to_pylist(), t["sample_index"].to_pylist()))
     return keys
+
+
+def _part_rows(name: str) -> int:
+    return int(name.rsplit("-n", 1)[1][:-6])
+
+
+def _next_part(parts_dir: Path) -> int:
+    seqs = [int(p.name.split("-")[1]) for p in parts_dir.glob("part-*.arrow")] if parts_dir.exists() else []
+    return max(seqs) + 1 if seqs else 0
 
 
 def part_name(seq: int, rows: int) -> str:
@@ -152,15 +219,15 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
     from .methods import Task
 
     final, done, parts_dir = result_paths(run_dir, index)
-    if shard_done(run_dir, index, fp):
-        return True
     table = read_shard(shards_root, manifest, index)
-    seen = committed_keys(parts_dir) if parts_dir.exists() else set()
     n = ctx.method.n
+    if shard_done(run_dir, index, fp, adopt=lambda t: shard_covered(t, table["id"].combine_chunks(), n)):
+        return True
+    seen = committed_keys(parts_dir, fp) if parts_dir.exists() else set()
     ids, problems = table["id"].to_pylist(), table["problem"].to_pylist()
     row_of = {key: row for row, key in enumerate(ids)}
     todo = [(row, k) for row in range(len(table)) for k in range(n) if (ids[row], k) not in seen]
-    next_part = len(list(parts_dir.glob("part-*.arrow"))) if parts_dir.exists() else 0
+    next_part = _next_part(parts_dir)
     stopped = False
 
     def tasks():
@@ -195,6 +262,35 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
     return True
 
 
+@contextlib.contextmanager
+def shard_lock(run_dir: Path, index: int, wait: bool, poll_s: float = 1.0):
+    """One writer per shard, in any launcher: an exclusive fcntl lock on <run>/locks/shard-N.lock,
+    which the kernel drops when its process ends (so no lock outlives a crash). Yields whether it
+    is held; with `wait`, polls until it is, saying who holds it once a minute."""
+    lock_dir = Path(run_dir) / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{shard_name(index)}.lock", "a+") as f:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if not wait:
+                    yield False
+                    return
+                if waited % 60 < poll_s:
+                    f.seek(0)
+                    log.info("%s is held by %s; waiting", f.name, f.read().strip() or "another process")
+                time.sleep(poll_s)
+                waited += poll_s
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield True
+
+
 def records_table(shard: pa.Table, index: int, batch: list[tuple[int, int]], results: list[Result],
                   fp: str) -> pa.Table:
     """One Arrow table of output records: the shard's columns for each task, then what was decoded."""
@@ -220,8 +316,7 @@ def records_table(shard: pa.Table, index: int, batch: list[tuple[int, int]], res
 
 
 def _finish_shard(parts_dir: Path, final: Path, done: Path, fp: str, expected: int) -> None:
-    parts = sorted(parts_dir.glob("part-*.arrow"))
-    table = pa.concat_tables([read_arrow(p) for p in parts])
+    table = pa.concat_tables(committed_parts(parts_dir, fp))
     if table.num_rows != expected:
         raise RuntimeError(f"{parts_dir}: {table.num_rows} committed samples, expected {expected}; "
                            "the parts were changed by something else. Delete the folder to redo the shard.")
@@ -243,11 +338,13 @@ def _mark_done(final: Path, done: Path, parts_dir: Path, fp: str) -> None:
 
 
 def pending_work(run_dir: Path, manifest: dict, fp: str, n: int,
-                 indices: Optional[Iterable[int]] = None) -> dict[int, int]:
+                 indices: Optional[Iterable[int]] = None, shards_root: Optional[Path] = None) -> dict[int, int]:
     """Samples left per unfinished shard, read from the run folder alone (the resume scan)."""
     left = {}
     for i in (indices if indices is not None else range(len(manifest["shards"]))):
-        if shard_done(run_dir, i, fp):
+        if shard_done(run_dir, i, fp, adopt=lambda t, i=i: shard_covered(
+                t, read_shard(Path(run_dir if shards_root is None else shards_root), manifest, i)["id"]
+                .combine_chunks(), n)):
             continue
         _, _, parts = result_paths(run_dir, i)
         left[i] = manifest["shards"][i]["rows"] * n - (committed_count(parts) if parts.exists() else 0)
@@ -358,7 +455,7 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
              check_memory(memory_plan(cfg, method.roles(cfg.method), cfg.run.batch_size)))
     fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))
     indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
-    left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices)
+    left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices, shards_dir(cfg))
     pending = sorted(left_by_shard)
     report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
               "skipped": len(list(indices)) - len(pending), "ran": pending, "complete": True}
@@ -377,12 +474,22 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     t0 = time.perf_counter()
     complete = True
     with Progress(left, method.name, cfg.run.progress, cfg.run.progress_every_s) as progress:
-        for i in pending:
-            progress.shard = shard_name(i)
-            if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,
-                             on_batch=progress.update, should_stop=should_stop):
-                complete = False
-                break
+        busy: list[int] = []  # shards another process holds: theirs first, then wait and check them
+        for i in pending + [None] + busy:
+            if i is None:
+                if busy:
+                    log.info("%d shards are held by another process on %s; waiting for them",
+                             len(busy), run_dir)
+                continue
+            with shard_lock(run_dir, i, wait=i in busy) as held:
+                if not held:
+                    busy.append(i)
+                    continue
+                progress.shard = shard_name(i)
+                if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,
+                                 on_batch=progress.update, should_stop=should_stop):
+                    complete = False
+                    break
     report["seconds"] = time.perf_counter() - t0
     report["complete"] = complete
     return report

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from .config import DatasetConfig, to_container
 from .errors import UserError
-from .files import atomic_path, fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
+from .files import CorruptFile, atomic_path, fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .problems import open_problems
 from .staging import Staged, stage
 
@@ -82,16 +82,25 @@ def write_shards(cfg: DatasetConfig, run_dir: Path, fresh: bool = False) -> dict
     fp = dataset_fingerprint(src.source, cfg)
     manifest_path = run_dir / MANIFEST
     if manifest_path.exists():
-        old = read_json(manifest_path)
+        try:
+            old = read_json(manifest_path)
+        except CorruptFile:
+            old = {}  # written again below, like a damaged shard
         if old.get("fingerprint") == fp and _shards_intact(run_dir, old):
             log.info("%s already holds these shards (fingerprint %s); nothing to do", run_dir, fp)
             return old
-        if not fresh:
+        if old.get("fingerprint") == fp or not old:
+            # Same problem set and config, a shard damaged or lost: the same bytes are written again and the
+            # results (of these very shards) are kept.
+            log.warning("%s: a shard or the manifest does not match; writing them again", run_dir)
+            shutil.rmtree(run_dir / "shards", ignore_errors=True)
+        elif not fresh:
             raise ShardError(
                 f"{run_dir} already holds shards of another problem set or dataset config "
                 f"(fingerprint {old.get('fingerprint')}, now {fp}). Choose another run.dir, or set "
                 "run.fresh=true to delete its shards and results and start again.")
-        clear_run(run_dir)
+        else:
+            clear_run(run_dir)
     created = not run_dir.exists()
     try:
         staged = stage(src, cfg, folder=run_dir / STAGING)
@@ -191,7 +200,11 @@ def read_manifest(run_dir: Path) -> dict:
     if not path.exists():
         raise ShardError(f"{path} does not exist: shard the problem set first "
                          f"(rsd-batch shard run.dir={run_dir} dataset=...).")
-    manifest = read_json(path)
+    try:
+        manifest = read_json(path, ("version", "fingerprint", "shards", "num_rows"))
+    except CorruptFile as e:
+        raise ShardError(f"{path}: {e.why}. Run `rsd-batch shard` again with the same dataset config: it "
+                         "writes the manifest and shards again and keeps the results.") from None
     if manifest.get("version") != MANIFEST_VERSION:
         raise ShardError(f"{path}: manifest version {manifest.get('version')} is not "
                          f"{MANIFEST_VERSION}; re-shard with this version of rsd_batch.")
@@ -201,7 +214,11 @@ def read_manifest(run_dir: Path) -> dict:
 def read_shard(run_dir: Path, manifest: dict, index: int, verify: bool = True) -> pa.Table:
     entry = manifest["shards"][index]
     path = Path(run_dir) / entry["path"]
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise ShardError(f"{path}: its sha256 does not match the manifest; the shard was changed "
-                         "after sharding. Re-shard with run.fresh=true.")
-    return read_arrow(path)
+    again = ("Run `rsd-batch shard` again with the same dataset config: it writes the same bytes again "
+             "and keeps the results (or set run.fresh=true to start over).")
+    try:
+        return read_arrow(path, rows=entry["rows"], sha256=entry["sha256"] if verify else None)
+    except FileNotFoundError:
+        raise ShardError(f"{path} is missing. {again}") from None
+    except CorruptFile as e:
+        raise ShardError(f"{path}: {e.why}; the shard was changed after sharding. {again}") from None

@@ -8,11 +8,11 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from rsd_batch.files import read_arrow, write_arrow
+from rsd_batch.files import read_arrow, read_json, write_arrow
 from rsd_batch.merge import MergeError, merge_run
 from rsd_batch.models import render_prompt
 from rsd_batch.problems import load_problems
-from rsd_batch.runner import RunConfigMismatch, result_paths, run
+from rsd_batch.runner import RunConfigMismatch, _mark_done, result_paths, run
 from rsd_batch.shards import write_shards
 
 from conftest import cli, make_config
@@ -131,21 +131,33 @@ def test_merge_refuses_missing_shard_and_bad_coverage(tiny_run_args):
         merge_run(run_dir)
     final1.write_bytes(saved[0])
     done1.write_text(saved[1])
-    # A sample committed twice (shard 0's first row also in shard 1) must not merge.
+    # A result file edited after its marker was written is not shipped: the marker's sha256 says so.
     final0, _, _ = result_paths(run_dir, 0)
     t0, t1 = read_arrow(final0), read_arrow(final1)
-    write_arrow(final1, pa.concat_tables([t1, t0.slice(0, 1)]))
+    edited = t1.set_column(t1.schema.get_field_index("output"), "output",
+                           pa.array(["edited"] + t1["output"].to_pylist()[1:]))
+    write_arrow(final1, edited.replace_schema_metadata(t1.schema.metadata))
+    with pytest.raises(MergeError, match=r"sha256 does not match.*Delete .*shard-00001.arrow and .*done.json"):
+        merge_run(run_dir)
+    fp = read_json(done1)["fingerprint"]
+
+    def rewrite(table):  # as if the run itself had written it: a marker that agrees
+        write_arrow(final1, table.replace_schema_metadata(t1.schema.metadata))
+        _mark_done(final1, done1, final1.with_suffix(".parts"), fp)
+
+    # A sample committed twice (shard 0's first row also in shard 1) must not merge.
+    rewrite(pa.concat_tables([t1, t0.slice(0, 1)]))
     with pytest.raises(MergeError, match="1 duplicated samples"):
         merge_run(run_dir)
-    write_arrow(final1, t1.slice(1))
+    rewrite(t1.slice(1))
     with pytest.raises(MergeError, match="1 missing samples"):
         merge_run(run_dir)
     # The right count with one sample swapped for another shard's: the fast in-order proof fails and the
     # full check names both.
-    write_arrow(final1, pa.concat_tables([t1.slice(1), t0.slice(0, 1)]))
+    rewrite(pa.concat_tables([t1.slice(1), t0.slice(0, 1)]))
     with pytest.raises(MergeError, match="1 missing samples.*1 duplicated samples"):
         merge_run(run_dir)
-    write_arrow(final1, t1)
+    rewrite(t1)
     assert merge_run(run_dir)["samples"] == 24
 
 

@@ -1,0 +1,113 @@
+"""A run folder that survives damage (issue 17): every file is checked when read, a torn part is set
+aside and its samples redone, a lost or garbled marker is re-derived from the file it vouches for, a
+damaged shard is written again, and two `rsd-batch run` on one folder share the shards exactly once."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rsd_batch.files import read_arrow, read_json
+from rsd_batch.merge import MergeError, merge_run
+from rsd_batch.runner import result_paths, run
+from rsd_batch.shards import ShardError, write_shards
+
+from conftest import make_config
+
+
+def _outputs(run_dir: Path) -> dict:
+    t = pa.concat_tables([read_arrow(p) for p in sorted((run_dir / "results").glob("shard-*.arrow"))])
+    return {(i, k): o for i, k, o in zip(t["id"].to_pylist(), t["sample_index"].to_pylist(),
+                                          t["output"].to_pylist())}
+
+
+@pytest.fixture
+def reference(tiny_run_args, tmp_path):
+    cfg = make_config(*tiny_run_args, f"run.dir={tmp_path / 'ref'}")
+    write_shards(cfg.dataset, Path(cfg.run.dir))
+    run(cfg)
+    merge_run(Path(cfg.run.dir))
+    return _outputs(Path(cfg.run.dir))
+
+
+def _stopped_after(cfg, batches: int) -> None:
+    """Run until `batches` batches are committed, as a SIGTERM would stop it."""
+    seen = {"n": 0}
+
+    def stop() -> bool:
+        seen["n"] += 1
+        return seen["n"] > batches * cfg.run.batch_size
+    run(cfg, should_stop=stop)
+
+
+def test_torn_part_garbage_marker_and_lost_shard_are_repaired(tiny_run_args, reference, tmp_path):
+    cfg = make_config(*tiny_run_args)
+    run_dir = Path(cfg.run.dir)
+    write_shards(cfg.dataset, run_dir)
+    _stopped_after(cfg, 3)
+    parts = sorted(result_paths(run_dir, 0)[2].glob("part-*.arrow")) + \
+        sorted(result_paths(run_dir, 1)[2].glob("part-*.arrow"))
+    assert parts, "the stop left committed parts"
+    torn = parts[-1]
+    torn.write_bytes(torn.read_bytes()[:100])  # what a machine crash can leave
+    run(cfg)
+    assert not torn.exists() and (run_dir / "corrupt" / f"results__{torn.parent.name}__{torn.name}").exists()
+    # A garbled marker: the finished file it vouched for is checked and marked again.
+    _, done, _ = result_paths(run_dir, 2)
+    done.write_text("{not json")
+    run(cfg)
+    assert read_json(done)["rows"] == 8
+    # A shard file deleted: merge says what to do, and doing it (shard again) keeps the results.
+    (run_dir / "shards" / "shard-00001.arrow").unlink()
+    with pytest.raises(ShardError, match=r"shard-00001.arrow is missing\. Run `rsd-batch shard` again"):
+        merge_run(run_dir)
+    write_shards(cfg.dataset, run_dir)
+    assert run(cfg)["ran"] == []
+    assert merge_run(run_dir)["samples"] == 24
+    assert _outputs(run_dir) == reference
+
+
+def test_a_marker_without_its_file_and_a_bad_adoption(tiny_run_args, reference):
+    cfg = make_config(*tiny_run_args)
+    run_dir = Path(cfg.run.dir)
+    write_shards(cfg.dataset, run_dir)
+    run(cfg)
+    final, done, _ = result_paths(run_dir, 1)
+    final.unlink()
+    with pytest.raises(MergeError, match=r"shard-00001.arrow is missing .* Delete .* run `rsd-batch run"):
+        merge_run(run_dir)
+    done.unlink()  # following the hint
+    assert run(cfg)["ran"] == [1]
+    # A finished file whose marker is lost, holding a repeated and a missing sample (what two
+    # unlocked writers once made): it is not adopted but set aside, and the shard is redone.
+    t = read_arrow(final)
+    bad = pa.concat_tables([t.slice(0, 1), t.slice(0, len(t) - 1)]).replace_schema_metadata(t.schema.metadata)
+    from rsd_batch.files import write_arrow
+    write_arrow(final, bad)
+    done.unlink()
+    assert run(cfg)["ran"] == [1]
+    assert any(p.name.startswith("results__shard-00001.arrow") for p in (run_dir / "corrupt").iterdir())
+    assert merge_run(run_dir)["samples"] == 24
+    assert _outputs(run_dir) == reference
+
+
+def test_two_local_runs_on_one_folder_share_it_exactly_once(tiny_run_args, reference, tmp_path):
+    """Ten times: two `rsd-batch run` processes started together on one folder. Each shard is run by
+    one of them (a per-shard lock), the other takes other shards or waits; the merge is exactly-once."""
+    repo = Path(__file__).resolve().parents[1]
+    exe = str(Path(sys.executable).parent / "rsd-batch")
+    for trial in range(10):
+        args = [a for a in tiny_run_args if not a.startswith("run.dir=")] + [f"run.dir={tmp_path / f't{trial}'}"]
+        subprocess.run([exe, "shard", *args], check=True, capture_output=True, cwd=repo)
+        procs = [subprocess.Popen([exe, "run", *args], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}) for _ in range(2)]
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err.decode()[-2000:]
+        run_dir = tmp_path / f"t{trial}"
+        assert merge_run(run_dir)["samples"] == 24
+        assert _outputs(run_dir) == reference
+        assert not (run_dir / "corrupt").exists()
