@@ -131,6 +131,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_cache_path() -> Path:
+    root = os.environ.get("RSD_BATCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "rsd_batch"
+    return Path(root) / "file-sha256.json"
+
+
+def file_sha256_cached(path: Path) -> str:
+    """sha256 of a (large, rarely changing) file, remembered by (absolute path, size, mtime): a 15 GB
+    checkpoint is hashed once, not on every resume."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+        return hit["sha256"]
+    digest = sha256_file(path)
+    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        write_json(cache_file, cache)
+    except OSError:
+        pass  # a read-only home: hash again next time
+    return digest
+
+
 def fingerprint(obj: Any) -> str:
     """A short, stable hash of a JSON-able object (key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

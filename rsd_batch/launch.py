@@ -434,15 +434,18 @@ def _run_state(cfg: DictConfig, claim: bool) -> dict:
     """Manifest, method, fingerprint and pending work of the run folder (claim=True records run.json)."""
     from .files import fingerprint
     from .methods import get_method
-    from .runner import RUN_FILE, RunConfigMismatch, claim_run_dir, pending_work, run_identity, shards_dir
+    from .runner import (RUN_FILE, RunConfigMismatch, claim_run_dir, pending_work, record_run, run_identity,
+                         shards_dir)
     from .shards import read_manifest
 
     run_dir = Path(cfg.run.dir).resolve()
     manifest = read_manifest(shards_dir(cfg))
     method = get_method(str(cfg.method.name))
     identity = run_identity(cfg, manifest, method)
-    if claim:
-        fp = claim_run_dir(run_dir, cfg, identity)
+    if claim:  # a submission claims the folder for its tasks
+        fp, unrecorded = claim_run_dir(run_dir, cfg, identity)
+        if unrecorded:
+            record_run(run_dir, cfg, identity, fp)
     else:
         fp = fingerprint(identity)
         old = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else None

@@ -143,6 +143,28 @@ def check_model_files(cfg, roles) -> None:
                                  "existing local folder or a hub id")
 
 
+def model_content(path: str, revision=None) -> dict:
+    """What a model *is*, for the run's fingerprint: the sha256 of every file in its folder (weights,
+    config, tokenizer; reports and READMEs aside), cached by (path, size, mtime) so a resume re-hashes
+    only what changed; for a hub id, the commit its revision resolves to in the local hub cache. The
+    same files at another path are the same model; other weights at the same path are not."""
+    import os
+    from pathlib import Path
+
+    from .files import file_sha256_cached
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and f.suffix != ".md" and f.name != "train_report.json")
+        return {"files": {str(f.relative_to(folder)): file_sha256_cached(f) for f in files}}
+    rev = revision or "main"
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+               .expanduser() / "hub")
+    ref = hub / f"models--{path.replace('/', '--')}" / "refs" / rev
+    return {"hub": path, "revision": ref.read_text().strip() if ref.is_file() else rev}
+
+
 def model_roles(cfg, roles) -> list[str]:
     """The roles that load a model: all but the toy world's oracle PRM (the checker, no weights)."""
     return [r for r in roles if not (r == "prm" and cfg.prm.format == "oracle")]

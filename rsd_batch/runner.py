@@ -69,20 +69,32 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
     }
     if cfg.engine.name != EngineName.hf:  # sampled outputs differ by engine (hf: the earlier runs' one)
         identity["engine"] = cfg.engine.name.value
+    from .models import model_content, model_roles
+
+    loaded = model_roles(cfg, method.roles(cfg.method))
     for role in method.roles(cfg.method):
         node = cfg.prm if role == "prm" else cfg.model[role]
         entry = to_container(node)
         entry.pop("device", None)  # where it runs, not what it computes
+        if role in loaded:  # the files, not where they lie: a copy elsewhere is the same model
+            entry.pop("path")
+            entry["content"] = model_content(node.path, node.get("revision"))
         identity["models"][role] = entry
     return identity
 
 
-def claim_run_dir(run_dir: Path, cfg: Config, identity: dict) -> str:
-    """Record this run's config in the folder, or refuse if the folder holds another config's results."""
+def claim_run_dir(run_dir: Path, cfg: Config, identity: dict) -> tuple[str, bool]:
+    """This run's fingerprint, refusing a folder that holds another config's results (unless
+    run.fresh). Returns (fingerprint, whether run.json must be written): `record_run` writes it once
+    the models have loaded, so a run that cannot load never claims the folder."""
     fp = fingerprint(identity)
     path = run_dir / RUN_FILE
     if path.exists():
-        old = read_json(path)
+        try:
+            old = read_json(path, ("fingerprint", "identity"))
+        except CorruptFile as e:
+            log.warning("%s; writing it again (every part is checked against the fingerprint anyway)", e)
+            return fp, True
         if old["fingerprint"] != fp:
             if not cfg.run.fresh:
                 changes = _diff(old["identity"], identity)
@@ -95,12 +107,16 @@ def claim_run_dir(run_dir: Path, cfg: Config, identity: dict) -> str:
             log.warning("run.fresh=true: deleting the results of config %s in %s", old["fingerprint"], run_dir)
             shutil.rmtree(run_dir / "results", ignore_errors=True)
             shutil.rmtree(run_dir / "merged", ignore_errors=True)
+            path.unlink()
         elif old.get("shards_dir") == str(shards_dir(cfg).resolve()):
-            return fp
-    write_json(path, {"fingerprint": fp, "identity": identity,
-                      "shards_dir": str(shards_dir(cfg).resolve()),
-                      "config": to_container(cfg)})
-    return fp
+            return fp, False
+    return fp, True
+
+
+def record_run(run_dir: Path, cfg: Config, identity: dict, fp: str) -> None:
+    write_json(run_dir / RUN_FILE, {"fingerprint": fp, "identity": identity,
+                                    "shards_dir": str(shards_dir(cfg).resolve()),
+                                    "config": to_container(cfg)})
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:
@@ -412,7 +428,7 @@ class Progress:
 
 def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     """Each role's model on the configured engine, loaded one after another."""
-    from .models import load_causal_lm, share_vocab
+    from .models import ModelLoadError, load_causal_lm, share_vocab
 
     roles = list(roles)
     if cfg.engine.name == EngineName.vllm:
@@ -424,11 +440,19 @@ def load_models(cfg: Config, roles: Iterable[str]) -> dict:
     else:
         models = {}
         for role in roles:
-            if role == "prm":
-                from .prms import load_prm
-                models[role] = load_prm(cfg.prm)
-            else:
-                models[role] = load_causal_lm(cfg.model[role], role)
+            node = cfg.prm if role == "prm" else cfg.model[role]
+            try:
+                if role == "prm":
+                    from .prms import load_prm
+                    models[role] = load_prm(cfg.prm)
+                else:
+                    models[role] = load_causal_lm(cfg.model[role], role)
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a truncated file, a wrong architecture...: one line, the cause
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ModelLoadError(f"the {role} model ({'prm' if role == 'prm' else 'model.' + role}.path="
+                                     f"{node.path}) did not load: {type(e).__name__}: {first[:300]}") from None
     share_vocab(models)
     return models
 
@@ -453,13 +477,16 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     check_model_files(cfg, method.roles(cfg.method))
     log.info("memory plan (weights + KV budget for %d sequences in flight):\n%s", cfg.run.batch_size,
              check_memory(memory_plan(cfg, method.roles(cfg.method), cfg.run.batch_size)))
-    fp = claim_run_dir(run_dir, cfg, run_identity(cfg, manifest, method))
+    identity = run_identity(cfg, manifest, method)
+    fp, unrecorded = claim_run_dir(run_dir, cfg, identity)
     indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
     left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices, shards_dir(cfg))
     pending = sorted(left_by_shard)
     report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
               "skipped": len(list(indices)) - len(pending), "ran": pending, "complete": True}
     if not pending:
+        if unrecorded:
+            record_run(run_dir, cfg, identity, fp)
         log.info("all %d shards of %s are done (fingerprint %s)", len(list(indices)), run_dir, fp)
         return report
     left = sum(left_by_shard.values())
@@ -469,6 +496,8 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     models = {} if models is None else models
     models.update(load_models(cfg, [r for r in roles if r not in models]))
     share_vocab({r: models[r] for r in roles})
+    if unrecorded:
+        record_run(run_dir, cfg, identity, fp)
     ctx = Context(models={r: models[r] for r in roles}, method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     t0 = time.perf_counter()

@@ -87,7 +87,7 @@ def test_mixed_config_is_refused_unless_fresh(tiny_run_args):
     with pytest.raises(RunConfigMismatch, match=r"method.max_new_tokens: 12 -> 13.*run.fresh=true"):
         run(other)
     swapped = make_config(*tiny_run_args, f"model.target.path={cfg.model.draft.path}")
-    with pytest.raises(RunConfigMismatch, match="models.target.path"):
+    with pytest.raises(RunConfigMismatch, match="models.target.content.files.model.safetensors"):
         run(swapped)
     # Batch size and progress do not change outputs: not a different config.
     assert run(make_config(*tiny_run_args, "run.batch_size=2"))["ran"] == []

@@ -111,3 +111,41 @@ def test_two_local_runs_on_one_folder_share_it_exactly_once(tiny_run_args, refer
         assert merge_run(run_dir)["samples"] == 24
         assert _outputs(run_dir) == reference
         assert not (run_dir / "corrupt").exists()
+
+
+def test_a_model_that_fails_to_load_claims_nothing_and_says_why(tiny_run_args, tiny_models, tmp_path):
+    import shutil
+
+    from rsd_batch.models import ModelLoadError
+    broken = tmp_path / "broken-target"
+    shutil.copytree(tiny_models["target"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    cfg = make_config(*tiny_run_args, f"model.target.path={broken}")
+    write_shards(cfg.dataset, Path(cfg.run.dir))
+    with pytest.raises(ModelLoadError, match=r"the target model \(model.target.path=.*broken-target\) did not load: "):
+        run(cfg)
+    assert not (Path(cfg.run.dir) / "run.json").exists()  # the folder is not claimed
+    # The fix (the right folder) then runs in the same folder.
+    assert run(make_config(*tiny_run_args))["ran"] == [0, 1, 2]
+
+
+def test_weights_changed_in_place_are_refused_and_a_copy_is_accepted(tiny_run_args, tiny_models, tmp_path):
+    import shutil
+
+    from rsd_batch.runner import RunConfigMismatch
+    copy = tmp_path / "target-copy"
+    shutil.copytree(tiny_models["target"], copy)
+    cfg = make_config(*tiny_run_args, f"model.target.path={copy}")
+    write_shards(cfg.dataset, Path(cfg.run.dir))
+    _stopped_after(cfg, 2)
+    # The same files elsewhere: the same model, the run resumes.
+    assert run(make_config(*tiny_run_args))["complete"]
+    # Other weights at the same path (as retraining writes them): refused, naming the role.
+    import safetensors.torch as st
+    tensors = st.load_file(str(copy / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    st.save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RunConfigMismatch, match=r"models.target.content.files.model.safetensors"):
+        run(make_config(*tiny_run_args, f"model.target.path={copy}"))
