@@ -70,6 +70,17 @@ def status(cfg: DictConfig) -> dict:
 
 
 @user_errors
+def doctor(cfg: DictConfig) -> dict:
+    from .doctor import examine, format_findings
+
+    report = examine(Path(cfg.run_dir), repair=cfg.repair)
+    print(format_findings(report))
+    if report["findings"] and not cfg.repair:
+        sys.exit(1)
+    return report
+
+
+@user_errors
 def merge(cfg: DictConfig) -> dict:
     from .merge import format_summary, merge_run
 

@@ -12,13 +12,14 @@ JOBS = {
     "merge": "check coverage, merge a run into one dataset, print its summary",
     "main": "shard -> run -> merge in one go (the README's demo)",
     "status": "per-shard state of a run folder (and of its SLURM jobs)",
+    "doctor": "verify every file of a run folder; say (or, with repair=true, do) what repairs it",
     "report": "one table + accuracy-vs-FLOPs plot for every run folder under a sweep folder",
     "calibrate": "bisect the RSD threshold δ on a pilot to meet a FLOPs budget or acceptance rate",
     "export": "a merged run as a Hugging Face dataset (SFT messages or step-labelled PRM data)",
     "train-toy": "retrain the embedded toy world (tokenizer, draft, target, PRM)",
 }
 # `rsd-batch report runs/sweep` reads better than `dir=runs/sweep`: a leading path is that key.
-POSITIONAL = {"report": "dir", "export": "run_dir"}
+POSITIONAL = {"report": "dir", "export": "run_dir", "doctor": "run_dir"}
 
 
 def read_only_job() -> None:

@@ -304,6 +304,14 @@ class ReportConfig:
     by: Optional[str] = None  # also accuracy per value of this metadata field (e.g. level, subject)
 
 
+@dataclass
+class DoctorConfig:
+    """`rsd-batch doctor <run dir>`: verify every file of a run folder; `repair=true` applies the safe repairs."""
+
+    run_dir: str = MISSING
+    repair: bool = False  # set aside damaged parts, markers and results (their samples are redone by `run`)
+
+
 class ExportLayout(Choice):
     sft = "sft"  # chat `messages` (system?, user, assistant) for supervised fine-tuning
     prm = "prm"  # step-labelled: prompt, completions (steps), labels, rewards, sources
@@ -360,6 +368,7 @@ def register() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="report_schema", node=ReportConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="doctor_schema", node=DoctorConfig)
     # `${rsd_root:}` in conf/ points at the checkout, so presets work from any working directory.
     if not OmegaConf.has_resolver("rsd_root"):
         OmegaConf.register_new_resolver("rsd_root", lambda: str(ROOT))

@@ -304,7 +304,10 @@ def shard_lock(run_dir: Path, index: int, wait: bool, poll_s: float = 1.0):
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
-        yield True
+        try:
+            yield True
+        finally:
+            f.truncate(0)  # an empty lock file is a free one; a named holder with no lock died holding it
 
 
 def records_table(shard: pa.Table, index: int, batch: list[tuple[int, int]], results: list[Result],

@@ -64,15 +64,16 @@ def test_multirun_sweep_gives_one_run_folder_per_point(tiny_run_args, tmp_path):
     assert proc.stdout.count("24 samples of 24 problems") == 2
 
 
-@pytest.mark.parametrize("job", ["status", "merge", "report", "shard", "--help"])
+@pytest.mark.parametrize("job", ["status", "merge", "report", "shard", "doctor", "--help"])
 def test_commands_that_decode_nothing_import_no_torch(job, tiny_run_args, tmp_path):
-    """status, merge, report, shard and --help start in well under a second: torch and transformers
+    """status, merge, report, shard, doctor and --help start in well under a second: torch and transformers
     are imported only by the jobs that load models."""
     import subprocess
     import sys
 
     args = {"status": ["status", *tiny_run_args], "merge": ["merge", *tiny_run_args],
-            "report": ["report", str(tmp_path)], "shard": ["shard", *tiny_run_args], "--help": ["--help"]}[job]
+            "report": ["report", str(tmp_path)], "shard": ["shard", *tiny_run_args],
+            "doctor": ["doctor", str(tmp_path)], "--help": ["--help"]}[job]
     code = ("import sys\nfrom rsd_batch.cli import main\nsys.argv = ['rsd-batch'] + sys.argv[1:]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
             "print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

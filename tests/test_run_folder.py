@@ -149,3 +149,33 @@ def test_weights_changed_in_place_are_refused_and_a_copy_is_accepted(tiny_run_ar
     st.save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(RunConfigMismatch, match=r"models.target.content.files.model.safetensors"):
         run(make_config(*tiny_run_args, f"model.target.path={copy}"))
+
+
+def test_doctor_reports_every_damage_and_repair_makes_the_run_whole(tiny_run_args, reference):
+    from rsd_batch.doctor import examine
+    cfg = make_config(*tiny_run_args)
+    run_dir = Path(cfg.run.dir)
+    write_shards(cfg.dataset, run_dir)
+    _stopped_after(cfg, 3)
+    assert examine(run_dir)["findings"] == []
+    parts = sorted(run_dir.glob("results/shard-*.parts/part-*.arrow"))
+    stray = run_dir / "results" / "shard-00042.parts"
+    stray.mkdir()
+    (stray / "part-00009-n4.arrow").write_bytes(parts[0].read_bytes())
+    parts[0].write_bytes(b"garbage")
+    (run_dir / "locks" / "shard-00007.lock").write_text("pid 1 on a-dead-node\n")
+    found = examine(run_dir)["findings"]
+    assert {Path(f["path"]).name for f in found} == {parts[0].name, "part-00009-n4.arrow", "shard-00007.lock"}
+    assert all(not f["repaired"] and f["fix"] for f in found)
+    assert parts[0].exists()  # looking changes nothing
+    # The command line: exit 1 with findings, then repair=true applies them, then the run completes.
+    import subprocess, sys
+    exe = str(Path(sys.executable).parent / "rsd-batch")
+    out = subprocess.run([exe, "doctor", str(run_dir)], capture_output=True, text=True)
+    assert out.returncode == 1 and "3 problems" in out.stdout and "repair=true" in out.stdout
+    out = subprocess.run([exe, "doctor", str(run_dir), "repair=true"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.count("repaired") == 3, out.stdout + out.stderr
+    assert examine(run_dir)["findings"] == []
+    run(cfg)
+    assert merge_run(run_dir)["samples"] == 24
+    assert _outputs(run_dir) == reference
