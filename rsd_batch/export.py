@@ -111,11 +111,13 @@ def export_run(cfg: ExportConfig) -> dict:
         raise ExportError(f"{run_dir} has no merged dataset of its current config; merge it first: "
                           f"`rsd-batch merge run.dir={run_dir}`.")
     out = Path(cfg.out) if cfg.out else run_dir / "export" / str(cfg.layout)
-    if out.exists() and any(out.iterdir()):
+    if (out / "export.json").exists():  # written last: an export that finished
         if not cfg.fresh:
             raise ExportError(f"{out} already holds an export; choose another out=, or set fresh=true "
                               "to replace it.")
         shutil.rmtree(out)
+    elif out.exists() and (out / "data").exists():
+        shutil.rmtree(out / "data")  # an export that stopped (a full disk): done again
     table = pq.read_table(merged_path(run_dir))
     share, low = _step_stats(table)
     counts, keep = [("merged samples", table.num_rows)], pa.array([True] * table.num_rows)
@@ -129,7 +131,7 @@ def export_run(cfg: ExportConfig) -> dict:
         body = body.append_column(name, kept[name])
     body = body.append_column("draft_share", share).append_column("min_reward", low)
     path = out / "data" / f"{cfg.split}-00000-of-00001.parquet"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=body.nbytes // 3) as tmp:
         pq.write_table(body, tmp, compression="zstd")
     report = {"source_run": str(run_dir), "source_fingerprint": info["fingerprint"],
               "method": info["identity"]["method"]["name"], "config": to_container(cfg),

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,13 +21,19 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: Path, durable: bool = True, needed: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it, rename it over `path` and fsync the folder.
     `durable=False` keeps the temp-then-rename but leaves the flush to the kernel: for files whose
-    sha256 is checked on every read and which can be made again (shards)."""
+    sha256 is checked on every read and which can be made again (shards). A full disk is `DiskFull`,
+    naming the folder and, given `needed`, the bytes the file needs."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, needed) from None
+        raise
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are shared like any other file
     tmp_path = Path(tmp)
@@ -37,8 +45,36 @@ def atomic_path(path: Path, durable: bool = True) -> Iterator[Path]:
         os.replace(tmp_path, path)
         if durable:
             fsync_dir(path.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, needed) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+class DiskFull(UserError, OSError):
+    """No space (or quota) left where a run-folder file is written. Nothing half-written is left: the
+    last committed state stands, and the same command resumes once there is room."""
+
+    def __init__(self, path: Path, needed: int | None = None) -> None:
+        folder = Path(path).parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = 0
+        need = f"; this file needs about {_size(needed)}" if needed else ""
+        super().__init__(f"{folder}: the disk is full ({_size(free)} free) while writing {Path(path).name}{need}. "
+                         "Nothing committed was lost. Free some space there (or move the run folder), then run "
+                         "the same command again: it resumes from the last committed batch.")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def fsync_dir(folder: Path) -> None:
@@ -83,7 +119,7 @@ def write_arrow(path: Path, table: pa.Table, durable: bool = True) -> str:
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     buf = sink.getvalue()
-    with atomic_path(path, durable) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, durable, needed=buf.size) as tmp, open(tmp, "wb") as f:
         f.write(buf)
     return hashlib.sha256(buf).hexdigest()
 

@@ -94,7 +94,7 @@ def merge_run(run_dir: Path) -> dict:
     if not _covers_in_order(tables, shards_root, manifest, n):
         _check_coverage(merged, shards_root, manifest, n)  # says what is missing or repeated
     out = merged_path(run_dir)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, needed=merged.nbytes // 3) as tmp:  # zstd Parquet: about a third of Arrow
         pq.write_table(merged, tmp, compression="zstd")
     summary = summarize(merged)
     summary.update({"run_dir": str(run_dir), "fingerprint": fp, "dataset": str(out),

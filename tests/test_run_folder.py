@@ -179,3 +179,54 @@ def test_doctor_reports_every_damage_and_repair_makes_the_run_whole(tiny_run_arg
     run(cfg)
     assert merge_run(run_dir)["samples"] == 24
     assert _outputs(run_dir) == reference
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs of this test's own (root is available here and in CI)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    import shutil as sh
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    free = sh.disk_usage(disk).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+    return filler
+
+
+def test_a_full_disk_loses_nothing_and_each_step_resumes(tiny_run_args, reference, small_disk):
+    from rsd_batch.files import DiskFull
+    args = [a for a in tiny_run_args if not a.startswith("run.dir=")] + [f"run.dir={small_disk / 'run'}"]
+    cfg = make_config(*args)
+    run_dir = Path(cfg.run.dir)
+    write_shards(cfg.dataset, run_dir)
+    filler = _fill(small_disk, 24 << 10)  # room for run.json and a few parts, not for the run
+    with pytest.raises(DiskFull, match=r"the disk is full \(.* free\) while writing .*Free some space"):
+        run(cfg)
+    assert not list(run_dir.rglob(".*.tmp"))  # no half-written file left
+    filler.unlink()
+    assert run(cfg)["complete"]
+    _fill(small_disk, 4 << 10)
+    with pytest.raises(DiskFull, match=r"merged: the disk is full .* this file needs about"):
+        merge_run(run_dir)
+    (small_disk / "filler").unlink()
+    assert merge_run(run_dir)["samples"] == 24
+    assert _outputs(run_dir) == reference
+    from omegaconf import OmegaConf
+
+    from rsd_batch.config import ExportConfig
+    from rsd_batch.export import export_run
+    export_cfg = OmegaConf.structured(ExportConfig(run_dir=str(run_dir)))
+    _fill(small_disk, 2 << 10)
+    with pytest.raises(DiskFull, match=r"data: the disk is full"):
+        export_run(export_cfg)
+    (small_disk / "filler").unlink()
+    assert export_run(export_cfg)["rows"] == 24
