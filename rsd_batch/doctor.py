@@ -73,6 +73,8 @@ def examine(run_dir: Path, repair: bool = False) -> dict:
                             move_to_corrupt(run_dir, done, "its results were set aside")
             except CorruptFile as e:
                 found(e.path, e.why, f"delete {final} and {done}, then {rerun}", set_aside=True)
+                if repair and done.exists():
+                    move_to_corrupt(run_dir, done, "its results were set aside")
         if parts.exists():
             for part in sorted(parts.glob("part-*.arrow")):
                 try:

@@ -173,8 +173,8 @@ def _hash_cache_path() -> Path:
 
 
 def file_sha256_cached(path: Path) -> str:
-    """sha256 of a (large, rarely changing) file, remembered by (absolute path, size, mtime): a 15 GB
-    checkpoint is hashed once, not on every resume."""
+    """sha256 of a (large, rarely changing) file, remembered by (absolute path, size, mtime, ctime,
+    inode): a 15 GB checkpoint is hashed once, not on every resume; any rewrite changes the stamp."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}"
@@ -183,11 +183,12 @@ def file_sha256_cached(path: Path) -> str:
         cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     except (OSError, ValueError):
         cache = {}
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
     hit = cache.get(key)
-    if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
+    if hit and all(hit.get(k) == v for k, v in stamp.items()):
         return hit["sha256"]
     digest = sha256_file(path)
-    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    cache[key] = {**stamp, "sha256": digest}
     try:
         write_json(cache_file, cache)
     except OSError:

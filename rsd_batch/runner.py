@@ -143,7 +143,11 @@ def shard_done(run_dir: Path, index: int, fp: str, adopt: Optional[Callable[[pa.
     final, done, parts = result_paths(run_dir, index)
     if done.exists():
         try:
-            return read_json(done, DONE_KEYS)["fingerprint"] == fp
+            if read_json(done, DONE_KEYS)["fingerprint"] != fp:
+                return False
+            if final.exists():
+                return True
+            move_to_corrupt(run_dir, done, f"says the shard is done, but {final.name} is missing")
         except CorruptFile as e:
             move_to_corrupt(run_dir, done, e.why)
     if final.exists():
