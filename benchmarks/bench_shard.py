@@ -111,7 +111,7 @@ def main() -> None:
         ds = min(x["seconds"] for x in best["datasets"])
         for label, runs in best.items():
             secs = min(x["seconds"] for x in runs)
-            print(f"| {rows:,} | {label} | {runs[0]['shards']} | {secs:.1f} | {max(x['peak_mb'] for x in runs):.0f} | "
+            print(f"| {rows:,} | {label} | {runs[0]['shards']} | {secs:.2f} | {max(x['peak_mb'] for x in runs):.0f} | "
                   f"{secs / base:.2f}x | {secs / ds:.2f}x |")
 
 

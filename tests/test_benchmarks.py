@@ -35,5 +35,19 @@ def test_foundation_benchmark_small():
                            "--shard-size", "500", "--part-rows", "50"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = table_rows(proc.stdout)
-    assert [r[0] for r in rows][:2] == ["shard", "resume scan (60 parts)"] and rows[-1][0] == "merge"
+    names = [r[0] for r in rows]
+    assert names[:2] == ["shard", "resume scan (60 parts)"] and names[-1] == "rsd-batch status (new process)"
+    assert "merge anchor (read + concat + zstd Parquet)" in names
+    assert any(n.startswith("merge (") and n.endswith("x the anchor; goal 1.5x)") for n in names)
     assert all(r[1].replace(",", "").isdigit() for r in rows)
+
+
+def test_shard_benchmark_small():
+    """Every contender reads the same rows; the shard row and the one-blank-line row count one fewer."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_shard.py"), "--rows", "20000"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r[1]: r for r in table_rows(proc.stdout) if r[0] == "20,000"}
+    assert list(rows) == ["rsd-batch shard", "pyarrow", "datasets", "rsd-batch shard, one blank line"]
+    assert rows["rsd-batch shard"][2] == rows["datasets"][2] == "80"  # 20,000 / 250 rows a shard
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows.values())
