@@ -93,7 +93,7 @@ def _shard_case(corpus, name, run_dir):
     return write_shards(cfg, run_dir)
 
 
-@pytest.mark.parametrize("name", ["math500", "gsm8k", "olympiad", "minerva", "gaokao", "toy", "clean_ids",
+@pytest.mark.parametrize("name", ["math500", "gsm8k", "olympiad", "minerva", "gaokao", "clean_ids",
                                   "clean_hash_ids", "clean_limit", "dirty_skip", "dirty_number",
                                   "dirty_keep_first", "csv", "parquet", "arrow"])
 def test_streamed_shards_have_the_recorded_bytes(corpus, name, tmp_path):
