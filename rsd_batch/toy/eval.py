@@ -41,7 +41,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 
 def evaluate_policy(model, tokenizer, problems: Sequence[Problem], batch_size: int = 128,
-                    max_new_tokens: int = 256) -> dict:
+                    max_new_tokens: int = 384) -> dict:
     """Greedy final-answer accuracy and per-step accuracy of ``model`` on ``problems``."""
     texts = [t[0] for t in generate_solutions(model, tokenizer, problems, temperature=0.0,
                                               batch_size=batch_size, max_new_tokens=max_new_tokens)]
@@ -71,7 +71,7 @@ def evaluate_policy(model, tokenizer, problems: Sequence[Problem], batch_size: i
 
 def sample_labelled_steps(model, tokenizer, problems: Sequence[Problem], temperature: float = 0.7,
                           seed: int = 0, num_samples: int = 1, batch_size: int = 128,
-                          max_new_tokens: int = 256) -> list[dict]:
+                          max_new_tokens: int = 384) -> list[dict]:
     """Draft rollouts at ``temperature``, split into steps and labelled by the checker.
 
     One record per step: problem index, step index, the steps so far, kind, local/prefix labels,

@@ -136,7 +136,7 @@ class PolicyBatcher:
 
 @torch.no_grad()
 def generate_solutions(model, tokenizer, problems: Sequence[Problem], temperature: float = 0.0,
-                       seed: int = 0, batch_size: int = 128, max_new_tokens: int = 256,
+                       seed: int = 0, batch_size: int = 128, max_new_tokens: int = 384,
                        num_samples: int = 1) -> list[list[str]]:
     """Per problem, ``num_samples`` decoded solutions (greedy when temperature == 0)."""
     model.eval()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from .checker import label_steps
-from .problems import Op, Problem, answer_step_text, apply_op, first_step_text, op_step_text
+from .problems import OP_SYMBOL, Op, Problem, answer_step_text, apply_op, first_step_text, op_step_text, worked_columns
 
 
 def perturb_number(rng: random.Random, n: int) -> int:
@@ -40,39 +40,78 @@ def perturb_number(rng: random.Random, n: int) -> int:
     return n + 1
 
 
+def _fault(rng: random.Random, kind: str, a: int, b: int) -> tuple[int, int] | None:
+    """A one-column slip in ``a kind b``: (column, near-miss value); None if there are no columns."""
+    cols, _ = worked_columns(kind, a, b)
+    if not cols:
+        return None
+    i = rng.randrange(len(cols))
+    s = int(cols[i].split("=")[1])
+    hi = 9 if kind == "sub" else 29
+    cands = [v for v in (s - 1, s + 1, s - 1, s + 1, s - 10, s + 10, rng.randint(0, hi)) if 0 <= v <= hi and v != s]
+    return (i, rng.choice(cands)) if cands else None
+
+
+def _sym_step(op: Op, a: int, kind: str, b: int, fault=None, c: int | None = None) -> tuple[str, int]:
+    cols, spelled = worked_columns(kind, a, b, fault)
+    c = spelled if c is None else c
+    return f"{op.sentence[:-1]}: {a} {OP_SYMBOL[kind]} {b} ({','.join(cols)}) = {c}.", c
+
+
 def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
-    """An incorrect op step text and the value it arrives at."""
+    """An incorrect op step text and the value it arrives at (the slips a policy makes: one wrong column
+    carried on consistently, a miscopied result, carried-in value, operand or digit, a wrong operator)."""
     c = op.apply(a)
     kind = rng.random()
-    if kind < 0.55:  # wrong result
-        c2 = perturb_number(rng, c)
-        return op_step_text(op, a, c2), c2
-    if kind < 0.75:  # wrong carried-in value, consistent arithmetic
+    if kind < 0.30:  # one column wrong, the rest consistent with it
+        f = _fault(rng, op.kind, a, op.operand)
+        if f is not None:
+            text, c2 = _sym_step(op, a, op.kind, op.operand, fault=f)
+            if c2 >= 0:
+                return text, c2
+    if kind < 0.65:  # right columns, miscopied result (the draft's commonest slip: one digit, often the last)
+        s = str(c)
+        i = len(s) - 1 if rng.random() < 0.5 else rng.randrange(len(s))
+        d = int(s[i])
+        d2 = rng.choice([x for x in {(d + 1) % 10, (d - 1) % 10, rng.randrange(10)} if x != d])
+        c2 = int(s[:i] + str(d2) + s[i + 1:]) if rng.random() < 0.8 else perturb_number(rng, c)
+        if c2 == c or (c2 > 0 and s[0] != "0" and str(c2)[0] == "0"):
+            c2 = perturb_number(rng, c)
+        return _sym_step(op, a, op.kind, op.operand, c=c2)
+    if kind < 0.72:  # wrong carried-in value, consistent arithmetic
         a2 = perturb_number(rng, a)
         try:
-            c2 = op.apply(a2)
+            if op.apply(a2) >= 0:
+                return _sym_step(op, a2, op.kind, op.operand)
         except ValueError:
-            c2 = perturb_number(rng, c)
-            return op_step_text(op, a, c2), c2
-        return op_step_text(op, a2, c2), c2
-    if kind < 0.88:  # wrong operand
+            pass
+        return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
+    if kind < 0.78:  # the columns read a miscopied digit of a, the header the right a
+        a2 = perturb_number(rng, a)
+        try:
+            if op.apply(a2) >= 0 and len(str(a2)) == len(str(a)):
+                cols, c2 = worked_columns(op.kind, a2, op.operand)
+                return f"{op.sentence[:-1]}: {a} {op.symbol} {op.operand} ({','.join(cols)}) = {c2}.", c2
+        except ValueError:
+            pass
+        return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
+    if kind < 0.90:  # wrong operand
         b2 = perturb_number(rng, op.operand)
         try:
-            c2 = apply_op(op.kind, a, b2)
+            if apply_op(op.kind, a, b2) >= 0:
+                return _sym_step(op, a, op.kind, b2)
         except ValueError:
-            c2 = perturb_number(rng, c)
-            return op_step_text(op, a, c2), c2
-        return f"{op.sentence[:-1]}: {a} {op.symbol} {b2} = {c2}.", c2
+            pass
+        return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
     # wrong operator
-    kinds = [k for k in ("add", "sub", "mul") if k != op.kind]
-    k2 = rng.choice(kinds)
+    k2 = rng.choice([k for k in ("add", "sub", "mul") if k != op.kind])
+    b = op.operand if k2 != "mul" else rng.choice([2, 3])
     try:
-        c2 = apply_op(k2, a, op.operand)
+        if apply_op(k2, a, b) >= 0:
+            return _sym_step(op, a, k2, b)
     except ValueError:
-        c2 = perturb_number(rng, c)
-        return op_step_text(op, a, c2), c2
-    sym = {"add": "+", "sub": "-", "mul": "*"}[k2]
-    return f"{op.sentence[:-1]}: {a} {sym} {op.operand} = {c2}.", c2
+        pass
+    return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
 
 
 def perturbed_solution(problem: Problem, rng: random.Random, p_continue: float = 0.5) -> tuple[list[str], list[bool]]:
@@ -124,11 +163,51 @@ def perturbed_solution(problem: Problem, rng: random.Random, p_continue: float =
 
 
 def wrong_result_probe(problem: Problem, rng: random.Random) -> tuple[list[str], list[str]]:
-    """Two step lists that differ only in one operation step's result: the reference prefix ending in
-    the right step, and the same prefix ending in that step with a near-miss result (one digit
-    changed, off by 1 or 10, ...). A PRM can only tell them apart by checking the arithmetic."""
+    """Two step lists that differ only in one operation step's arithmetic: the reference prefix ending in
+    the right step, and the same prefix ending in that step with a near-miss result, reached by one
+    slipped column carried on consistently (``a op b`` unchanged). A PRM can only tell them apart by
+    checking the arithmetic."""
     j = rng.randrange(len(problem.ops))
     steps = problem.reference_steps()[:j + 2]  # first step + operations up to j
     a, op = problem.values[j], problem.ops[j]
-    wrong = op_step_text(op, a, perturb_number(rng, op.apply(a)))
+    for _ in range(50):
+        f = _fault(rng, op.kind, a, op.operand)
+        wrong, c2 = _sym_step(op, a, op.kind, op.operand, fault=f)
+        if c2 != op.apply(a):
+            break
+    else:
+        wrong, _ = _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, op.apply(a)))
     return steps, steps[:-1] + [wrong]
+
+
+def multi_perturbed_solution(problem: Problem, rng: random.Random, p_err: float = 0.35) -> list[str]:
+    """A full solution in which every operation step slips independently with probability ``p_err``
+    (:func:`_wrong_op_step`), each later step carrying on correctly from the value written before it;
+    the first and answer steps slip now and then too. Dense negatives for PRM training: every wrong step
+    is wrong *locally*, so the checker's local labels mark each one."""
+    steps: list[str] = []
+    v = problem.start
+    if rng.random() < 0.05:
+        v = perturb_number(rng, v)
+    steps.append(first_step_text(problem.name, v, problem.item))
+    for op in problem.ops:
+        try:
+            if op.apply(v) < 0:
+                break
+        except ValueError:
+            break
+        if rng.random() < p_err:
+            text, v2 = _wrong_op_step(rng, op, v)
+        else:
+            try:
+                v2 = op.apply(v)
+            except ValueError:
+                break
+            text = op_step_text(op, v, v2)
+        if v2 < 0:
+            break
+        steps.append(text)
+        v = v2
+    r = rng.random()
+    steps.append(answer_step_text(perturb_number(rng, v) if r < 0.05 else v))
+    return steps

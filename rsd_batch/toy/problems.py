@@ -6,11 +6,17 @@ and the reference solution is one step per sentence, steps separated by ``"\\n\\
 
     Ann starts with 23 coins.
 
-    She buys 5 more: 23 + 5 = 28.
+    She buys 5 more: 23 + 5 (3+5+0=8,2+0+0=2) = 28.
 
-    She triples them: 28 * 3 = 84.
+    She triples them: 28 * 3 (8*3+0=24,2*3+2=8) = 84.
 
     The answer is \\boxed{84}.
+
+Every operation step is *worked digit by digit*: in parentheses, one column per digit of the result,
+least-significant first, each a one-digit fact with its carry (``+``: ``da+db+carry=s``; ``*``:
+``da*b+carry=s``; ``-``: ``x-db-borrow=w`` with ``x`` the digit plus 10 when it borrows), then the
+result. So producing a step takes a chain of small lookups, and checking one is local: every column
+is a one-digit fact next to its inputs (:func:`worked_columns`).
 
 Difficulty knobs live in :class:`ProblemConfig` (number of operations, operand ranges,
 operators, value cap). Everything is a pure function of ``(config, seed, index)``: problem
@@ -173,8 +179,76 @@ def first_step_text(name: str, start: int, item: str) -> str:
     return f"{name} starts with {start} {item}."
 
 
-def op_step_text(op: Op, a: int, c: int) -> str:
-    return f"{op.sentence[:-1]}: {a} {op.symbol} {op.operand} = {c}."
+def _digits(n: int) -> list[int]:
+    """Digits of ``n`` >= 0, least-significant first."""
+    return [int(d) for d in reversed(str(n))]
+
+
+def worked_columns(kind: str, a: int, b: int, fault: tuple[int, int] | None = None) -> tuple[list[str], int]:
+    """The worked columns of ``a kind b`` (least-significant digit first) and the result they spell.
+
+    ``fault = (i, value)`` writes ``value`` instead of the right sum/difference in column ``i`` (when
+    there is one) and carries on *consistently* from it, as a policy that slips once would: the
+    columns after it and the result follow the wrong value. Returns ``(columns, result)``.
+    """
+    da = _digits(a)
+    cols: list[str] = []
+    out: list[int] = []
+    if kind == "add":
+        db = _digits(b)
+        n = max(len(da), len(db))
+        carry = 0
+        i = 0
+        while i < n or carry:
+            x = da[i] if i < len(da) else 0
+            y = db[i] if i < len(db) else 0
+            s = x + y + carry
+            if fault is not None and fault[0] == i:
+                s = fault[1]
+            cols.append(f"{x}+{y}+{carry}={s}")
+            out.append(s % 10)
+            carry = s // 10
+            i += 1
+    elif kind == "mul":
+        carry = 0
+        i = 0
+        while i < len(da) or carry:
+            x = da[i] if i < len(da) else 0
+            s = x * b + carry
+            if fault is not None and fault[0] == i:
+                s = fault[1]
+            cols.append(f"{x}*{b}+{carry}={s}")
+            out.append(s % 10)
+            carry = s // 10
+            i += 1
+    elif kind == "sub":
+        db = _digits(b)
+        borrow = 0
+        for i in range(max(len(da), len(db))):
+            x = da[i] if i < len(da) else 0
+            y = db[i] if i < len(db) else 0
+            nb = 1 if x - y - borrow < 0 else 0
+            x += 10 * nb
+            w = x - y - borrow
+            if fault is not None and fault[0] == i:
+                w = fault[1]
+            cols.append(f"{x}-{y}-{borrow}={w}")
+            out.append(w % 10)
+            borrow = nb
+    else:  # no worked form: the result alone
+        return [], apply_op(kind, a, b)
+    return cols, int("".join(str(d) for d in reversed(out)) or "0")
+
+
+def op_step_text(op: Op, a: int, c: int | None = None, fault: tuple[int, int] | None = None,
+                 kind: str | None = None, b: int | None = None) -> str:
+    """``"{sentence}: a op b (columns) = c."`` for ``op`` applied to ``a`` (its worked columns always those
+    of ``a kind b``, with ``fault`` if given; ``c`` defaults to the result the columns spell)."""
+    kind = kind or op.kind
+    b = op.operand if b is None else b
+    cols, spelled = worked_columns(kind, a, b, fault)
+    c = spelled if c is None else c
+    return f"{op.sentence[:-1]}: {a} {OP_SYMBOL[kind]} {b} ({','.join(cols)}) = {c}."
 
 
 def answer_step_text(n: int | str) -> str:

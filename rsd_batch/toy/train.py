@@ -12,15 +12,19 @@ Training problems come from the generator's ``"train"`` stream (policies) and ``
 generator, and every training problem whose text occurs in the held-out file is skipped, so the
 held-out problems are disjoint from training by construction and by check.
 
-The PRM (Math-Shepherd format) is initialised from the trained draft (``prm.init_from``; draft-sized,
-as the paper's PRMs are, so that scoring a step stays cheap next to the target) and fine-tuned on
-(a) on-policy draft rollouts at temperature 0.7, (b) reference solutions with one synthetically
-corrupted step and (c) clean references, with the checker's *local-correctness* labels at every
-``ки`` tag (2-way loss over the ``+``/``-`` logits, exactly what the adapter reads; "-" mistakes
-weigh ``prm.neg_weight`` times more, see :class:`PRMSpec`).
+The PRM (Math-Shepherd format) is initialised from the trained draft (``prm.init_from``), made deeper
+(``prm.num_layers``: extra layers on top, identity-initialised) and given an LM head of its own
+(``prm.untie_head``); it stays under 1/10 of the target, so scoring a step is cheap next to it. It is
+fine-tuned on (a) on-policy draft rollouts at temperature 0.7, (b) reference solutions with one
+synthetically corrupted step, (c) clean references and (d) a fresh stream of references in which any
+operation step may slip (``prm.fresh_share`` of every batch), with the checker's *local-correctness*
+labels at every ``ки`` tag (2-way loss over the ``+``/``-`` logits, exactly what the adapter reads; "-"
+mistakes weigh ``prm.neg_weight`` times more) and dense labels on the tokens of each operation step up
+to its first wrong token (see :class:`PRMSpec`): the worked columns make every check local.
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -32,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from .build import build_toy_tokenizer, count_parameters, new_model, save_model
-from .checker import check_solution
+from .checker import check_solution, label_steps
 from .lm import PolicyBatcher, generate_solutions, lm_loss, pad_batch, train_loop
-from .perturb import perturbed_solution
-from .problems import ProblemConfig, generate_problems, make_problem, read_problem_set, write_problem_set
+from .perturb import multi_perturbed_solution, perturbed_solution
+from .problems import ProblemConfig, generate_problems, make_problem, op_step_text, read_problem_set, write_problem_set
 
 
 @dataclass
@@ -46,7 +50,7 @@ class PolicySpec:
     intermediate_size: int = 192
     num_heads: int = 2
     num_kv_heads: int = 2
-    steps: int = 2500  # this shape needs ~1000 more steps than 48/4 heads to reach the band (~50% greedy)
+    steps: int = 2000  # worked steps: ~45% greedy at 1000-1250 steps, ~87% at 1750-2000 (the 80-90% band)
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -55,8 +59,8 @@ class PolicySpec:
     continue_steps: int = 0  # optional second phase: reload the saved folder, train this many more steps
     continue_lr: float = 3e-4  # constant LR of the second phase (after a short warmup)
     lr_min_ratio: float = 1.0  # cosine decay from lr to lr * lr_min_ratio (1.0 = constant after warmup)
-    eval_every: int = 0  # log greedy accuracy on the first eval_problems held-out problems (0 = off)
-    eval_problems: int = 100
+    eval_every: int = 250  # log greedy accuracy on the first eval_problems held-out problems (0 = off)
+    eval_problems: int = 200
     bf16_autocast: bool = False  # CPU bf16 autocast for forward/backward (fp32 master weights)
     save_dtype: str = "float32"  # float32 | bfloat16 (size of the committed folder)
 
@@ -64,7 +68,7 @@ class PolicySpec:
 @dataclass
 class PRMSpec:
     init_from: str = "draft"  # draft | target: which trained policy the PRM starts from
-    steps: int = 3000
+    steps: int = 1800
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -72,7 +76,7 @@ class PRMSpec:
     n_rollout_problems: int = 6000  # draft rollouts (on-policy samples) for training
     rollout_temperature: float = 0.7
     rollouts_per_problem: int = 1
-    n_perturbed: int = 6000  # reference solutions with one corrupted step
+    n_perturbed: int = 3000  # reference solutions with one corrupted step
     n_clean: int = 1000  # untouched reference solutions
     p_continue: float = 0.5
     seed: int = 0
@@ -85,6 +89,22 @@ class PRMSpec:
     # only costs a target step, so a "-" mistake weighs neg_weight times a "+" one. With 2.0 the
     # reward of 0.7 sits where the unweighted PRM's 0.82 would (precision ~0.96 instead of ~0.93).
     neg_weight: float = 2.0
+    # Dense supervision: besides the tag, the tokens of an operation step get "+"/"-" labels up to its
+    # first wrong token: "+" while the text is a prefix of the right step (given the previous stated
+    # value), "-" on the token where it departs (tokens after it are not labelled: whether they are
+    # wrong is not a local question). Weighted dense_weight, a "-" dense_neg_weight times more; it
+    # teaches the PRM to check each worked column where it is written, the tag to gather those checks.
+    dense_weight: float = 1.0
+    dense_neg_weight: float = 3.0
+    # 0: the shape of the policy it starts from; more: extra layers on top, initialised as identities
+    num_layers: int = 4
+    # this share of every batch: fresh reference solutions (a "prm-fresh" stream) in which each operation
+    # step slips with probability fresh_p_err (perturb.multi_perturbed_solution): endless, dense negatives
+    fresh_share: float = 0.5
+    # the PRM's own LM head: with tied embeddings the "+"/"-" reward rows ARE the embeddings of the
+    # "+"/"-" tokens that fill the worked columns, and every such token pushes its own reward
+    untie_head: bool = True
+    fresh_p_err: float = 0.35
 
 
 @dataclass
@@ -107,12 +127,12 @@ class ToyTrainConfig:
     vocab_size: int = 1024
     problems: ProblemConfig = field(default_factory=ProblemConfig)
     draft: PolicySpec = field(default_factory=PolicySpec)
-    # 3.1M parameters; the task has a sharp transition (greedy 11% at 16k examples, 68% at 32k, 98% at 48k):
-    # 1500 cosine steps at batch 32 (48k examples) + 300 steps at the final LR (2e-4)
+    # 3.1M parameters (the draft is 1/23 of it): 800 cosine steps at batch 32 (97.8% held-out) + 200 steps at
+    # the final LR (2e-4)
     target: PolicySpec = field(default_factory=lambda: PolicySpec(
-        num_layers=4, hidden_size=256, intermediate_size=640, num_heads=8, num_kv_heads=8, steps=1500,
-        batch_size=32, lr=2e-3, lr_min_ratio=0.1, continue_steps=300, continue_lr=2e-4, eval_every=500,
-        bf16_autocast=False, save_dtype="bfloat16"))
+        num_layers=4, hidden_size=256, intermediate_size=640, num_heads=8, num_kv_heads=8, steps=800,
+        batch_size=32, lr=2e-3, lr_min_ratio=0.1, continue_steps=200, continue_lr=2e-4, eval_every=200,
+        eval_problems=100, bf16_autocast=False, save_dtype="bfloat16"))
     prm: PRMSpec = field(default_factory=PRMSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     log_every: int = 100
@@ -279,31 +299,99 @@ def prm_training_examples(cfg: ToyTrainConfig, tok, draft) -> list[tuple[str, li
         for t in texts:
             labels = check_solution(p, t).steps
             if labels:
-                examples.append((p.text, [s.text for s in labels], [s.local_correct for s in labels]))
+                examples.append(_with_marks(p, [s.text for s in labels]))
     off = spec.n_rollout_problems
     for i in range(spec.n_perturbed):
         p = fn(off + i)
-        steps, labels = perturbed_solution(p, rng, spec.p_continue)
-        examples.append((p.text, steps, labels))
+        steps, _ = perturbed_solution(p, rng, spec.p_continue)
+        examples.append(_with_marks(p, steps))
     off += spec.n_perturbed
     for i in range(spec.n_clean):
         p = fn(off + i)
-        steps = p.reference_steps()
-        examples.append((p.text, steps, [True] * len(steps)))
+        examples.append(_with_marks(p, p.reference_steps()))
     rng.shuffle(examples)
     return examples
 
 
+def _common(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _with_marks(problem, steps: list[str]) -> tuple[str, list[str], list[bool], list[int | None]]:
+    """(problem text, steps, local labels, marks): ``marks[i]`` is how many leading characters of
+    operation step ``i`` agree with the right step given the previous stated value (its whole length
+    when the step is right; None where there is no such step to compare with, e.g. first/answer)."""
+    labels = label_steps(problem, steps)
+    marks: list[int | None] = []
+    for i, lab in enumerate(labels):
+        text = steps[i].strip()
+        mark = None
+        if lab.kind == "op":
+            if lab.local_correct:
+                mark = len(text)
+            else:
+                prev = labels[i - 1].value if i > 0 else None
+                j = i - 1
+                if prev is not None and prev >= 0 and j < len(problem.ops):
+                    try:
+                        right = op_step_text(problem.ops[j], prev)
+                    except ValueError:
+                        right = None
+                    if right is not None and ": " in text and ": " in right:
+                        h, m = text.split(": ", 1)
+                        rh, rm = right.split(": ", 1)
+                        if h != rh:  # another sentence than the operation's: wrong where they part
+                            mark = _common(h, rh)
+                        else:
+                            mark = len(h) + 2 + _common(m, rm)
+        marks.append(mark)
+    return problem.text, [s.strip() for s in steps], [s.local_correct for s in labels], marks
+
+
 class PRMBatcher:
-    def __init__(self, prm_adapter, examples, batch_size: int, seed: int = 0):
+    """Batches of (ids, mask, tag labels, dense labels). ``fresh`` (optional) returns ``k`` new
+    labelled examples at each call: that share of every batch is drawn fresh, the rest comes from
+    ``examples`` (the draft's rollouts and the fixed synthetic set)."""
+
+    def __init__(self, prm_adapter, examples, batch_size: int, seed: int = 0, fresh=None, fresh_share: float = 0.0):
         self.prm = prm_adapter
-        self.enc = []
-        for text, steps, labels in examples:
-            ids, pos = prm_adapter.encode(text, steps)
-            self.enc.append((ids, pos, labels))
-        self.bs = batch_size
+        self._len: dict[int, int] = {}
+        self.enc = [self._encode(e) for e in examples]
+        self.fresh = fresh
+        self.n_fresh = int(round(batch_size * fresh_share)) if fresh is not None else 0
+        self.bs = batch_size - self.n_fresh
         self.rng = random.Random(seed)
         self.queue: list[list[int]] = []
+
+    def _tok_len(self, i: int) -> int:
+        if i not in self._len:
+            self._len[i] = len(self.prm.tokenizer.decode([i]))
+        return self._len[i]
+
+    def _encode(self, example):
+        text, steps, labels, marks = example
+        prm = self.prm
+        ids = list(prm.prefix_ids(text))
+        pos, dense = [], []
+        for i, (step, mark) in enumerate(zip(steps, marks)):
+            seg, off = prm.step_ids(text, step, i)
+            if mark is not None:
+                # the segment is (" " for the first) + step + " ки\n": label each token ending inside the step
+                lead = 1 if i == 0 else 0
+                at = 0
+                for k in range(off):
+                    at += self._tok_len(seg[k])
+                    if at - lead > len(step):
+                        break
+                    dense.append((len(ids) + k, at - lead <= mark))
+                    if at - lead > mark:
+                        break  # the first wrong token is the last one labelled (see PRMSpec.dense_weight)
+            pos.append(len(ids) + off)
+            ids += seg
+        return ids, pos, labels, dense
 
     def _refill(self):
         order = list(range(len(self.enc)))
@@ -320,14 +408,18 @@ class PRMBatcher:
     def __call__(self, step: int):
         if not self.queue:
             self._refill()
-        idx = self.queue.pop()
-        ids, mask = pad_batch([self.enc[i][0] for i in idx], self.prm.pad_id)
+        rows = [self.enc[i] for i in self.queue.pop()]
+        if self.n_fresh:
+            rows += [self._encode(e) for e in self.fresh(self.n_fresh)]
+        ids, mask = pad_batch([r[0] for r in rows], self.prm.pad_id)
         tag_labels = torch.full(ids.shape, -100, dtype=torch.long)
-        for r, i in enumerate(idx):
-            _, pos, labels = self.enc[i]
+        dense_labels = torch.full(ids.shape, -100, dtype=torch.long)
+        for r, (_, pos, labels, dense) in enumerate(rows):
+            for p, ok in dense:
+                dense_labels[r, p] = 0 if ok else 1
             for p, l in zip(pos, labels):
                 tag_labels[r, p] = 0 if l else 1  # class 0 = "+", class 1 = "-"
-        return ids, mask, tag_labels
+        return ids, mask, tag_labels, dense_labels
 
 
 def stage_prm(cfg: ToyTrainConfig) -> dict:
@@ -338,6 +430,9 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     tok = _load_tokenizer(cfg)
     draft = _load_causal_lm(Path(cfg.out_dir) / "draft")
     model = _load_causal_lm(Path(cfg.out_dir) / spec.init_from)  # PRM starts from a trained policy
+    if (spec.num_layers and spec.num_layers > model.config.num_hidden_layers) or spec.untie_head:
+        model = _prm_shape(model, max(spec.num_layers, model.config.num_hidden_layers), spec.untie_head,
+                           seed=spec.seed)
     prm = MathShepherdPRM(model, tok)
     examples = prm_training_examples(cfg, tok, draft)
     n_steps = sum(len(e[2]) for e in examples)
@@ -345,13 +440,31 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     data_min = (time.time() - t0) / 60
     _log(f"prm: {len(examples)} training solutions, {n_steps} labelled steps ({n_neg} incorrect), "
          f"built in {data_min:.1f} min")
-    batcher = PRMBatcher(prm, examples, spec.batch_size, seed=spec.seed)
+    fresh_fn = _stream_fn(_problem_cfg(cfg), cfg.seed, "prm-fresh", {p.text for p in _held_out(cfg)})
+    fresh_rng = random.Random(spec.seed + 7)
+    counter = [0]
+
+    def fresh(k: int):
+        out = []
+        for _ in range(k):
+            p = fresh_fn(counter[0])
+            counter[0] += 1
+            out.append(_with_marks(p, multi_perturbed_solution(p, fresh_rng, spec.fresh_p_err)))
+        return out
+
+    batcher = PRMBatcher(prm, examples, spec.batch_size, seed=spec.seed, fresh=fresh if spec.fresh_share else None,
+                         fresh_share=spec.fresh_share)
 
     class_weight = torch.tensor([1.0, spec.neg_weight])  # class 0 = "+", class 1 = "-"
+    dense_weight = torch.tensor([1.0, spec.dense_neg_weight])
 
-    def loss_fn(m, ids, mask, tag_labels):
-        logits = prm.tag_logits(ids, mask)
-        return F.cross_entropy(logits.reshape(-1, 2), tag_labels.reshape(-1), weight=class_weight, ignore_index=-100)
+    def loss_fn(m, ids, mask, tag_labels, dense_labels):
+        logits = prm.tag_logits(ids, mask).reshape(-1, 2)
+        loss = F.cross_entropy(logits, tag_labels.reshape(-1), weight=class_weight, ignore_index=-100)
+        if spec.dense_weight and (dense_labels >= 0).any():
+            loss = loss + spec.dense_weight * F.cross_entropy(logits, dense_labels.reshape(-1), weight=dense_weight,
+                                                              ignore_index=-100)
+        return loss
 
     curve = []
     monitor = None
@@ -388,6 +501,35 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     _write_report(out, report)
     _log(f"prm: trained in {info['minutes']:.1f} min (+{data_min:.1f} min data), saved to {out}")
     return report
+
+
+def _prm_shape(model, num_layers: int, untie_head: bool, seed: int = 0):
+    """The policy reshaped for the PRM: ``num_layers`` layers (its own first, the new ones on top
+    initialised as identities: output projections zero) and, with ``untie_head``, an LM head of its own
+    (a copy of the embeddings), so the "+"/"-" reward rows move apart from the "+"/"-" tokens the worked
+    columns are written with."""
+    from transformers import Qwen2ForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    n0 = cfg.num_hidden_layers
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[0]] * num_layers
+    if untie_head:
+        cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    deep = Qwen2ForCausalLM(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not (untie_head and k == "lm_head.weight")}
+    missing, unexpected = deep.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    with torch.no_grad():
+        if untie_head:
+            deep.lm_head.weight.copy_(model.get_input_embeddings().weight)
+        for layer in deep.model.layers[n0:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    deep.generation_config = model.generation_config
+    return deep.eval()
 
 
 def stage_eval(cfg: ToyTrainConfig) -> dict:
