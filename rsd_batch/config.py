@@ -24,6 +24,11 @@ class Choice(str, Enum):
         return self.value
 
 
+class LongPrompts(Choice):
+    refuse = "refuse"  # before any model loads: name the problems whose prompt does not fit the context
+    error_record = "error_record"  # run the rest; those samples are error records (left out of the headline)
+
+
 class OnBadRow(Choice):
     error = "error"  # stop before writing any shard, naming file, row and field
     skip = "skip"  # write the bad rows to quarantine.jsonl and report how many
@@ -261,6 +266,7 @@ class RunConfig:
     progress_every_s: float = 30.0  # off a terminal (a SLURM log): log the progress line this often
     dry_run: bool = False  # print the plan (shards, samples, estimated cost), submit nothing
     threads: Optional[int] = None  # torch threads of a local run; null: the cores this process may use
+    long_prompts: LongPrompts = LongPrompts.refuse  # a prompt longer than the policies' context
 
 
 class CalibrateGoal(Choice):

@@ -190,6 +190,37 @@ def eos_and_pad(path: str, tok, generation_config) -> tuple[frozenset[int], int]
     return eos, tok.pad_token_id if tok.pad_token_id is not None else min(eos)
 
 
+def check_prompt_lengths(cfg, roles, problems: list[tuple[str, str]]) -> None:
+    """Before any model loads (tokenizer and config only): every prompt leaves room in the policies'
+    context, else one line naming the problems and what to do (run.long_prompts=refuse, the default)."""
+    from transformers import AutoConfig
+
+    from .config import LongPrompts
+
+    policies = [r for r in ("draft", "target") if r in roles]
+    if not policies or not problems or cfg.run.long_prompts != LongPrompts.refuse:
+        return
+    node = cfg.model[policies[0]]
+    tok = load_tokenizer(node, f"model.{policies[0]}.path")
+    limit = min(context_of(cfg.model[r], AutoConfig.from_pretrained(
+        cfg.model[r].path, revision=cfg.model[r].revision, trust_remote_code=cfg.model[r].trust_remote_code))
+        for r in policies)
+    texts = [render_prompt(tok, p, cfg.prompt) for _, p in problems]
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    long = [(i, n) for (i, _), n in zip(problems, lengths) if n >= limit]
+    if long:
+        shown = ", ".join(f"{i!r} ({n:,} tokens)" for i, n in long[:5])
+        raise PromptTooLong(
+            f"{len(long):,} of {len(problems):,} problems have a prompt that does not fit the context of "
+            f"{limit:,} tokens (model.<role>.max_context, or the model's own): {shown}"
+            f"{' ...' if len(long) > 5 else ''}. Drop them from the problem set, or set "
+            "run.long_prompts=error_record to run the rest and record those as errors.")
+
+
+class PromptTooLong(UserError, ValueError):
+    pass
+
+
 def context_of(cfg: ModelConfig, config) -> int:
     """The context a role may use: model.<role>.max_context, else the model config's own."""
     return cfg.max_context or getattr(config, "max_position_embeddings", None) or 4096

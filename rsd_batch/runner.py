@@ -314,6 +314,11 @@ def shard_lock(run_dir: Path, index: int, wait: bool, poll_s: float = 1.0):
             f.truncate(0)  # an empty lock file is a free one; a named holder with no lock died holding it
 
 
+def _problems(shards_root: Path, manifest: dict, index: int) -> list[tuple[str, str]]:
+    t = read_shard(shards_root, manifest, index)
+    return list(zip(t["id"].to_pylist(), t["problem"].to_pylist()))
+
+
 def records_table(shard: pa.Table, index: int, batch: list[tuple[int, int]], results: list[Result],
                   fp: str) -> pa.Table:
     """One Arrow table of output records: the shard's columns for each task, then what was decoded."""
@@ -500,6 +505,9 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     log.info("%d of %d shards to run, %d samples left; results in %s",
              len(pending), len(list(indices)), left, run_dir / "results")
     roles = method.roles(cfg.method)
+    if not models:  # before any model loads: does every pending prompt fit the context?
+        from .models import check_prompt_lengths
+        check_prompt_lengths(cfg, roles, [pair for i in pending for pair in _problems(shards_dir(cfg), manifest, i)])
     models = {} if models is None else models
     models.update(load_models(cfg, [r for r in roles if r not in models]))
     share_vocab({r: models[r] for r in roles})

@@ -112,8 +112,13 @@ def test_outputs_do_not_depend_on_batch_or_shard_layout(tiny_run_args, tmp_path)
     assert sum(ra[(i, 0)]["output"] != ra[(i, 1)]["output"] for i, _ in ra if _ == 0) >= 20
 
 
-def test_prompt_too_long_is_an_error_record_not_a_crash(tiny_run_args):
-    cfg, _ = shard_and_run(tiny_run_args, "model.target.max_context=20")
+def test_prompt_too_long_is_refused_before_loading_or_an_error_record(tiny_run_args):
+    from rsd_batch.models import PromptTooLong
+    with pytest.raises(PromptTooLong, match=r"24 of 24 problems have a prompt that does not fit the context of 20 "
+                                            r"tokens .*run.long_prompts=error_record"):
+        shard_and_run(tiny_run_args, "model.target.max_context=20")
+    assert not (Path(make_config(*tiny_run_args).run.dir) / "run.json").exists()
+    cfg, _ = shard_and_run(tiny_run_args, "model.target.max_context=20", "run.long_prompts=error_record")
     merge_run(Path(cfg.run.dir))
     rows = outputs(cfg.run.dir).values()
     assert all(r["finish_reason"] == "error" and "context is 20" in r["error"] for r in rows)
@@ -198,7 +203,8 @@ def test_samples_with_an_error_are_left_out_of_the_flops_saved(tiny_run_args, ti
     problems = load_problems(cfg.dataset).table["problem"].to_pylist()
     lengths = sorted(len(tok(render_prompt(tok, p, cfg.prompt), add_special_tokens=False)["input_ids"]) for p in problems)
     limit = lengths[len(lengths) // 2]  # about half the prompts do not fit
-    cfg, _ = shard_and_run(tiny_run_args, "method=rsd", f"model.target.max_context={limit}", f"model.draft.max_context={limit}")
+    cfg, _ = shard_and_run(tiny_run_args, "method=rsd", f"model.target.max_context={limit}", f"model.draft.max_context={limit}",
+                           "run.long_prompts=error_record")
     summary = merge_run(Path(cfg.run.dir))
     rows = list(outputs(cfg.run.dir).values())
     errors = [r for r in rows if r["error"] is not None]
