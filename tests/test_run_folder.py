@@ -66,6 +66,12 @@ def test_torn_part_garbage_marker_and_lost_shard_are_repaired(tiny_run_args, ref
         merge_run(run_dir)
     write_shards(cfg.dataset, run_dir)
     assert run(cfg)["ran"] == []
+    # A garbled manifest: the same hint, and following it keeps the results too.
+    (run_dir / "manifest.json").write_text('{"version": 1, "shards": [')
+    with pytest.raises(ShardError, match=r"manifest.json: not valid JSON .*Run `rsd-batch shard` again"):
+        run(cfg)
+    write_shards(cfg.dataset, run_dir)
+    assert run(cfg)["ran"] == []
     assert merge_run(run_dir)["samples"] == 24
     assert _outputs(run_dir) == reference
 
