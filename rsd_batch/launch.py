@@ -8,9 +8,10 @@ arrays through submitit (`launcher=slurm`); the run's status; the dry-run plan.
         12_3_0_log.out, 12_3_0_log.err        the logs of task 3 of array 12
         tasks/12_3.json                       written by that task: state, attempts, timeouts,
                                               preemptions, the error that stopped it
-      locks/shard-00000.lock                  held by the process running shard 0
 
-A SLURM task runs `runner.run(cfg, shard_indices, should_stop)` for its shards. SLURM's warning
+A SLURM task runs `runner.run(cfg, shard_indices, should_stop)` for its shards, which holds each
+shard's lock (`<run>/locks/`, as in every launcher) while it runs it: an old task still winding down
+after scancel, or a duplicate submission, never commits the same parts. SLURM's warning
 signal (USR2, `--signal` from launcher.signal_delay_s) makes it stop taking batches; after the batch
 in flight is committed it checkpoints and requeues itself through submitit (if the batch outlives
 the warning, it requeues at once and the batch is redone), and on restart the runner resumes inside
@@ -22,9 +23,7 @@ Knows nothing about decoding: the runner does that.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import logging
 import os
 import re
@@ -633,40 +632,6 @@ class _StopFlag:
         return bool(self.signals)
 
 
-@contextlib.contextmanager
-def shard_locks(folder: Path, shards: list[int], holder: str, poll_s: float = 2.0):
-    """Hold an exclusive lock per shard while running it: a second process (an old task still
-    winding down after scancel, a duplicate submission) waits instead of committing the same parts."""
-    from .shards import shard_name
-
-    lock_dir = folder / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    try:
-        for shard in sorted(shards):
-            f = open(lock_dir / f"{shard_name(shard)}.lock", "a+")
-            files.append(f)
-            waited = 0.0
-            while True:
-                try:
-                    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if waited % 60 < poll_s:
-                        f.seek(0)
-                        log.warning("%s is held by %s; waiting for it", f.name, f.read().strip() or "?")
-                    time.sleep(poll_s)
-                    waited += poll_s
-            f.seek(0)
-            f.truncate()
-            f.write(holder)
-            f.flush()
-        yield
-    finally:
-        for f in files:
-            f.close()  # closing releases the lock
-
-
 def _setup_task_logging() -> None:
     root = logging.getLogger()
     if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
@@ -795,10 +760,8 @@ class ShardTask:
         can_requeue = callable(submitit_handler)
         signal.signal(signal.SIGUSR2, on_warning)
         signal.signal(signal.SIGTERM, on_term)
-        holder = f"job {self._job_id} on {socket.gethostname()} pid {os.getpid()}"
         try:
-            with shard_locks(Path(cfg.launcher.folder), shards, holder):
-                report = run_task_body(cfg, shards, should_stop=stop)
+            report = run_task_body(cfg, shards, should_stop=stop)
         except Exception as e:
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             for t in watchdog:

@@ -313,6 +313,4 @@ def _conform(arr: pa.Array, want: pa.DataType) -> pa.Array:
             j = arr.type.get_field_index(f.name)
             kids.append(pa.nulls(len(arr), f.type) if j < 0 else _conform(arr.field(j), f.type))
         return pa.StructArray.from_arrays(kids, fields=list(want), mask=pc.invert(arr.is_valid()))
-    if pa.types.is_dictionary(want) and pa.types.is_dictionary(arr.type):
-        return pc.dictionary_encode(arr.dictionary_decode())  # re-encoded below, with every block's values
     return arr.cast(want)
