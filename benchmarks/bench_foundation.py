@@ -33,8 +33,8 @@ from rsd_batch.files import read_arrow, write_arrow, write_json
 from rsd_batch.ledger import Ledger
 from rsd_batch.merge import merge_run
 from rsd_batch.methods import Result, Step
-from rsd_batch.runner import (RUN_FILE, _finish_shard, committed_keys, part_name, pending_work, records_table,
-                              result_paths)
+from rsd_batch.rundir import RUN_FILE, committed_keys, part_name, pending_work, result_paths
+from rsd_batch.runner import _finish_shard, records_table, shard_ids
 from rsd_batch.shards import read_shard, write_shards
 
 NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana"]
@@ -116,7 +116,7 @@ def main() -> None:
                             part.replace_schema_metadata(template.schema.metadata))
                 n_parts += 1
         t = time.perf_counter()
-        left = pending_work(run_dir, manifest, fp, 1)
+        left = pending_work(run_dir, manifest, fp, 1, shard_ids(run_dir, manifest))
         timings.append((f"resume scan ({n_parts:,} parts)", args.rows, time.perf_counter() - t, 2.0))
         assert sum(left.values()) == 0 and len(left) == len(manifest["shards"])
         # Then `run` reads the committed ids of the shard it resumes, one shard at a time.
@@ -129,7 +129,7 @@ def main() -> None:
             final, done, parts = result_paths(run_dir, entry["index"])
             _finish_shard(parts, final, done, fp, entry["rows"])
         t = time.perf_counter()
-        left = pending_work(run_dir, manifest, fp, 1)
+        left = pending_work(run_dir, manifest, fp, 1, shard_ids(run_dir, manifest))
         timings.append((f"resume scan ({len(manifest['shards'])} done shards)", args.rows,
                         time.perf_counter() - t, 2.0))
         assert left == {}

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from rsd_batch.config import MethodConfig, MethodName, PromptConfig, Weighting  # noqa: E402
 from rsd_batch.ledger import ROLES, CostModel  # noqa: E402
 from rsd_batch.methods import Context, Task, get_method  # noqa: E402
-from rsd_batch.models import LoadedModel  # noqa: E402
+from rsd_batch.models import LoadedModel, LoadedPRM  # noqa: E402
 from rsd_batch.prms.skywork import HEAD, SkyworkPRM  # noqa: E402
 from rsd_batch.shapes import qwen2_config  # noqa: E402
 
@@ -117,9 +117,8 @@ def build_vllm(args, tok, folder: Path) -> dict:
         cost = CostModel.from_config(conf, "AutoModel" if role == "prm" else "AutoModelForCausalLM")
         if role == "prm":
             head = {HEAD[0]: torch.randn(1, conf.hidden_size) * 0.02, HEAD[1]: torch.zeros(1)}
-            prm = SkyworkPRM(None, tok, head, "cpu")
-            prm.engine, prm.role, prm.cost, prm.backend = llm, "prm", cost, backend
-            models[role] = prm
+            models[role] = LoadedPRM(SkyworkPRM(None, tok, head, "cpu"), cost, torch.device("cpu"), backend=backend,
+                                     engine=llm)
         else:
             models[role] = LoadedModel(role=role, model=llm, tokenizer=tok, cost=cost, device=torch.device("cpu"),
                                        max_context=4096, eos_ids=frozenset(), pad_id=0, backend=backend)
@@ -159,12 +158,10 @@ def build_hf(args, tok, device) -> dict:
 
     draft, target = loaded("draft", draft_model), loaded("target", target_model)
     head = {HEAD[0]: torch.randn(1, pcfg.hidden_size) * 0.02, HEAD[1]: torch.zeros(1)}
-    prm = SkyworkPRM(prm_model, tok, head, device)
-    prm.role = "prm"
     from transformers import Qwen2ForCausalLM
     with torch.device("meta"):
-        prm.cost = CostModel.from_model(Qwen2ForCausalLM(pcfg))  # a value head, not an lm_head: close
-    prm.synchronize = draft.synchronize
+        cost = CostModel.from_model(Qwen2ForCausalLM(pcfg))  # a value head, not an lm_head: close
+    prm = LoadedPRM(SkyworkPRM(prm_model, tok, head, device), cost, device)
     return {"draft": draft, "target": target, "prm": prm}
 
 

@@ -97,7 +97,7 @@ def main() -> None:
     for role in ("draft", "target", "prm"):
         done = sum(r.ledger.role(role).prefill_tokens + r.ledger.role(role).decode_tokens for r in res.values())
         if role == "prm":
-            final = sum(len(prm.encode(t.problem, [s.text for s in r.steps])[0]) for t, r in res.items())
+            final = sum(len(prm.adapter.encode(t.problem, [s.text for s in r.steps])[0]) for t, r in res.items())
         else:
             lm = models[role]
             final = sum(len(lm.encode(lm.tokenizer.apply_chat_template(

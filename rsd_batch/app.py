@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from . import rundir
 from .errors import UserError
 
 
@@ -36,12 +37,13 @@ def shard(cfg: DictConfig) -> dict:
     from .shards import write_shards
 
     check_settings(cfg)
-    manifest = write_shards(cfg.dataset, Path(cfg.run.dir), fresh=cfg.run.fresh)
+    run = rundir.run_dir(cfg)
+    manifest = write_shards(cfg.dataset, run, fresh=cfg.run.fresh)
     print(f"sharded {manifest['num_rows']} problems of {cfg.dataset.name} into "
-          f"{len(manifest['shards'])} shards: {Path(cfg.run.dir) / 'manifest.json'}")
+          f"{len(manifest['shards'])} shards: {run / rundir.MANIFEST}")
     if manifest.get("quarantine"):
         q = manifest["quarantine"]
-        print(f"warning: {q['rows']} bad rows were quarantined to {Path(cfg.run.dir) / q['path']}",
+        print(f"warning: {q['rows']} bad rows were quarantined to {run / q['path']}",
               file=sys.stderr)
     return manifest
 
@@ -56,13 +58,13 @@ def run(cfg: DictConfig) -> dict:
     report = launch(cfg)
     if "ran" in report:
         print(f"{len(report['ran'])} shards run, {report['skipped']} already done; "
-              f"results in {Path(cfg.run.dir) / 'results'}")
+              f"results in {rundir.run_dir(cfg) / rundir.RESULTS}")
     return report
 
 
 @user_errors
 def status(cfg: DictConfig) -> dict:
-    from .launch import format_status, status as run_status
+    from .launch.status import format_status, status as run_status
 
     report = run_status(cfg)
     print(format_status(report))
@@ -85,11 +87,11 @@ def merge(cfg: DictConfig) -> dict:
     from .merge import format_summary, merge_run
 
     if str(cfg.launcher.name) == "slurm" and cfg.launcher.merge_after:
-        from .launch import submit_merge
+        from .launch.submit import submit_merge
         return submit_merge(cfg)  # a job that runs after the run's queued tasks succeed
-    summary = merge_run(Path(cfg.run.dir))
+    summary = merge_run(rundir.run_dir(cfg))
     print(format_summary(summary))
-    print(f"merged dataset: {summary['dataset']}\nsummary: {Path(cfg.run.dir) / 'summary.json'}")
+    print(f"merged dataset: {summary['dataset']}\nsummary: {rundir.run_dir(cfg) / rundir.SUMMARY_FILE}")
     return summary
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import rundir
 from .config import CalibrateGoal
 from .errors import UserError
 from .files import write_json
@@ -31,7 +32,7 @@ class CalibrateError(UserError, RuntimeError):
 
 
 def calibrate_dir(cfg) -> Path:
-    return Path(cfg.calibrate.dir) if cfg.calibrate.dir else Path(cfg.run.dir) / "calibrate"
+    return Path(cfg.calibrate.dir) if cfg.calibrate.dir else rundir.run_dir(cfg) / "calibrate"
 
 
 def _meets(cfg, probe: dict) -> bool:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-from .files import CorruptFile, move_to_corrupt, read_arrow, read_json
-from .runner import DONE_KEYS, RUN_FILE, _fingerprint_of, _part_rows, result_paths, shard_covered
+from . import rundir
+from .files import CorruptFile, read_arrow, read_json
+from .rundir import DONE_KEYS, RUN_FILE, fingerprint_of, move_to_corrupt, part_rows, result_paths, shard_covered
 from .shards import ShardError, read_manifest, read_shard
 
 
@@ -41,7 +42,7 @@ def examine(run_dir: Path, repair: bool = False) -> dict:
     try:
         manifest = read_manifest(shards_root)
     except ShardError as e:
-        findings.append({"path": str(shards_root / "manifest.json"), "problem": str(e), "fix": reshard,
+        findings.append({"path": str(shards_root / rundir.MANIFEST), "problem": str(e), "fix": reshard,
                          "repaired": False})
         return {"run_dir": str(run_dir), "findings": findings, "shards": 0}
     n = (info["identity"]["method"]["n"] if fp else 1)
@@ -78,18 +79,18 @@ def examine(run_dir: Path, repair: bool = False) -> dict:
         if parts.exists():
             for part in sorted(parts.glob("part-*.arrow")):
                 try:
-                    t = read_arrow(part, rows=_part_rows(part.name))
-                    if fp and _fingerprint_of(t) != fp:
-                        raise CorruptFile(part, f"written under config {_fingerprint_of(t) or '?'}, the run is {fp}")
+                    t = read_arrow(part, rows=part_rows(part.name))
+                    if fp and fingerprint_of(t) != fp:
+                        raise CorruptFile(part, f"written under config {fingerprint_of(t) or '?'}, the run is {fp}")
                 except CorruptFile as e:
                     found(part, e.why, f"{rerun} (it sets the part aside and redoes its samples)", set_aside=True)
     known = {result_paths(run_dir, e["index"])[2].name for e in manifest["shards"]}
-    for parts in sorted((run_dir / "results").glob("shard-*.parts")) if (run_dir / "results").exists() else []:
+    for parts in rundir.parts_folders(run_dir):
         if parts.name not in known:
             for part in sorted(parts.glob("part-*.arrow")):
                 found(part, "a part of a shard the manifest does not have",
                       "nothing needs it; repair=true sets it aside", set_aside=True)
-    for lock in sorted((run_dir / "locks").glob("*.lock")) if (run_dir / "locks").exists() else []:
+    for lock in rundir.lock_files(run_dir):
         with open(lock, "a+") as f:
             try:
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

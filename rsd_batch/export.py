@@ -26,9 +26,10 @@ from omegaconf import OmegaConf
 from .config import ExportConfig, ExportLayout, to_container
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
-from .merge import current_summary, merged_path
+from .merge import current_summary
+from .rundir import merged_path
 from .models import prompt_messages
-from .runner import RUN_FILE
+from .rundir import RUN_FILE
 
 
 class ExportError(UserError, RuntimeError):

@@ -141,24 +141,6 @@ def read_arrow(path: Path, columns: list[str] | None = None, rows: int | None = 
     return table.select(columns) if columns else table
 
 
-def move_to_corrupt(run_dir: Path, path: Path, why: str) -> Path:
-    """Set a damaged file aside in <run>/corrupt/ (never deleted: the operator may want to look)."""
-    import logging
-
-    dest_dir = Path(run_dir) / "corrupt"
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    rel = Path(path).resolve().relative_to(Path(run_dir).resolve()) if Path(path).resolve().is_relative_to(
-        Path(run_dir).resolve()) else Path(Path(path).name)
-    dest = dest_dir / "__".join(rel.parts)
-    k = 1
-    while dest.exists():
-        k += 1
-        dest = dest_dir / f"{'__'.join(rel.parts)}.{k}"
-    os.replace(path, dest)
-    logging.getLogger(__name__).warning("%s: %s; set aside as %s (what it held is redone)", path, why, dest)
-    return dest
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -18,17 +18,10 @@ import pyarrow.parquet as pq
 from .errors import UserError
 from .files import CorruptFile, atomic_path, read_arrow, read_json, write_json
 from .ledger import ROLES
-from .runner import DONE_KEYS, RUN_FILE, result_paths, shard_covered
+from .rundir import DONE_KEYS, RUN_FILE, SUMMARY_FILE, merged_path, result_paths, shard_covered
 from .shards import read_manifest, read_shard
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
-
-
-def merged_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "merged" / "data.parquet"
-
 
 def current_summary(run_dir: Path) -> Optional[dict]:
     """The run's summary if its merge is of the run's current config and the dataset is there, else None."""

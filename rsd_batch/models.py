@@ -57,6 +57,27 @@ class LoadedModel:
             torch.cuda.synchronize(self.device)
 
 
+@dataclass
+class LoadedPRM:
+    """The PRM as the engine runs it, shaped like `LoadedModel`: its format's adapter (how a step
+    becomes tokens and a hidden state a reward: rsd_batch.prms) and what every role carries."""
+    adapter: Any
+    cost: CostModel
+    device: torch.device
+    backend: Any = None  # the engine module that scores with it: engine.hf, engine.vllm, or prms.oracle
+    engine: Any = None  # engine=vllm: its pooling engine
+    role: str = "prm"
+
+    def __post_init__(self):
+        if self.backend is None:
+            from .engine import hf
+            self.backend = hf
+
+    def score(self, problems, steps) -> list[list[float]]:  # noqa: ANN001
+        """Every step's reward, from scratch (no cache): calibration, search, tests."""
+        return self.adapter.score(problems, steps)
+
+
 def torch_dtype(dtype: Dtype, device: str) -> torch.dtype:
     if dtype == Dtype.auto:
         return torch.float32 if device == "cpu" else torch.bfloat16

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import AnswerFormat, DatasetConfig, OnBadRow, OnDuplicateId
+from .config import AnswerFormat, DatasetConfig
 from .errors import UserError
 from .grading import gold_answer
 
@@ -94,6 +94,9 @@ class ProblemSource:
     name: str
     unit: str  # "line" (JSON lines) or "row"
     read: Callable[[], Iterator[tuple[pa.Table, list[BadRow]]]]  # raw blocks with source_row
+    # The row count when it is known before parsing (a hint: pass one checks it, and a wrong one only
+    # costs the shards being cut again); None when only reading tells.
+    rows: Callable[[], Optional[int]] = lambda: None
 
     @property
     def source(self) -> dict:
@@ -170,33 +173,43 @@ def open_problems(cfg: DatasetConfig) -> ProblemSource:
     """The problem set named by `dataset.source`, ready to stream; its identity is known already
     (files are hashed first), so an unchanged set can be recognised without parsing it."""
     fmt = detect_format(cfg)
-    if fmt == "hf":
-        ds, source = _read_hub(cfg)
-        return ProblemSource(lambda: source, cfg.source, "row", lambda: _dataset_blocks(ds))
-    if fmt == "disk":
-        ds, source = _read_disk(cfg)
-        return ProblemSource(lambda: source, source["path"], "row", lambda: _dataset_blocks(ds))
+    if fmt in ("hf", "disk"):
+        ds, source = _read_hub(cfg) if fmt == "hf" else _read_disk(cfg)
+        return ProblemSource(lambda: source, source.get("path", cfg.source), "row", lambda: _dataset_blocks(ds),
+                             rows=lambda: _limited(len(ds), cfg))
     files = source_files(cfg.source)
     unit = "line" if fmt in ("jsonl", "json") else "row"
     # The files' sha256 is computed beside the parsing (hashlib lets go of the GIL): half a second per GB.
+    # JSON lines are counted in the same read, so the shards can be planned before the file is parsed.
+    count = fmt == "jsonl" and not any(COMPRESSION.get(f.suffix.lower()) for f in files)
     pool = ThreadPoolExecutor(1)
-    hashing = pool.submit(lambda: [_file_identity(f) for f in files])
+    hashing = pool.submit(lambda: [_file_identity(f, count) for f in files])
     pool.shutdown(wait=False)
+
+    def rows() -> Optional[int]:
+        if fmt in ("parquet", "arrow"):
+            counts = [_columnar_rows(f, fmt) for f in files]
+        elif count:
+            counts = [h["_rows"] for h in hashing.result()]
+        else:
+            return None
+        return None if None in counts else _limited(sum(counts), cfg)
     if len(files) == 1:
         path = files[0]
         compression = COMPRESSION.get(path.suffix.lower())
 
         def identity() -> dict:
-            source = {"path": str(path.resolve()), "format": fmt, **hashing.result()[0]}
+            found = {k: v for k, v in hashing.result()[0].items() if k != "_rows"}
+            source = {"path": str(path.resolve()), "format": fmt, **found}
             return {**source, "compression": compression} if compression else source
         return ProblemSource(functools.cache(identity), str(path), unit,
-                             lambda: _file_blocks(path, fmt, cfg, None))
+                             lambda: _file_blocks(path, fmt, cfg, None), rows)
     base = Path(cfg.source)
     base = base if base.is_dir() else Path(glob.escape(cfg.source)).parent
     names = [str(f.relative_to(base)) if f.is_relative_to(base) else str(f) for f in files]
 
     def identities() -> dict:
-        hashes = hashing.result()
+        hashes = [{k: v for k, v in h.items() if k != "_rows"} for h in hashing.result()]
         listing = "".join(f"{n} {h['sha256']}\n" for n, h in zip(names, hashes))
         return {"path": str(Path(cfg.source).resolve()) if base == Path(cfg.source) else cfg.source,
                 "format": fmt, "files": [{"name": n, **h} for n, h in zip(names, hashes)],
@@ -206,7 +219,7 @@ def open_problems(cfg: DatasetConfig) -> ProblemSource:
     def read() -> Iterator[tuple[pa.Table, list[BadRow]]]:
         for f, n in zip(files, names):
             yield from _file_blocks(f, fmt, cfg, n)
-    return ProblemSource(functools.cache(identities), cfg.source, unit, read)
+    return ProblemSource(functools.cache(identities), cfg.source, unit, read, rows)
 
 
 def source_files(source: str) -> list[Path]:
@@ -240,13 +253,34 @@ def _file_format(path: Path) -> Optional[str]:
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _file_identity(path: Path) -> dict:
-    h, n = hashlib.sha256(), 0
+def _file_identity(path: Path, count: bool = False) -> dict:
+    """sha256 and size; with `count`, also `_rows`: the lines that open an object (a line that starts
+    with "{"), which is the row count of a clean JSON-lines file, blank lines and all."""
+    h, n, rows, last = hashlib.sha256(), 0, 0, b"\n"
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
             n += len(chunk)
-    return {"sha256": h.hexdigest(), "bytes": n}
+            if count:
+                rows += chunk.count(b"\n{") + (last == b"\n" and chunk[:1] == b"{")
+                last = chunk[-1:]
+    return {"sha256": h.hexdigest(), "bytes": n, **({"_rows": rows} if count else {})}
+
+
+def _columnar_rows(path: Path, fmt: str) -> Optional[int]:
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            return pq.ParquetFile(str(path)).metadata.num_rows
+        with pa.memory_map(str(path), "r") as src:
+            reader = pa.ipc.open_file(src)
+            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (pa.ArrowInvalid, OSError):
+        return None  # a stream file, or not readable: reading says which
+
+
+def _limited(rows: int, cfg: DatasetConfig) -> int:
+    return rows if cfg.limit is None else min(rows, cfg.limit)
 
 
 def _no_rows(name: str, bad: list[BadRow], unit: str) -> None:
@@ -547,10 +581,12 @@ def _nonblank_line_numbers(data: bytes) -> np.ndarray:
         ends = np.append(ends, len(buf))
     starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.array([], dtype=np.int64)
     lengths = ends - starts
-    # A line of only "\r" or nothing is blank; whitespace-only lines are rare enough to ignore here.
     nonblank = lengths > 0
-    cr_only = (lengths == 1) & (buf[np.minimum(starts, max(len(buf) - 1, 0))] == 13)
-    return (np.flatnonzero(nonblank & ~cr_only) + 1).astype(np.int64)
+    # Only a line that starts with whitespace can be blank: those few are looked at one by one.
+    first = buf[np.minimum(starts, max(len(buf) - 1, 0))]
+    for k in np.flatnonzero(nonblank & np.isin(first, (9, 13, 32))):
+        nonblank[k] = bool(bytes(buf[starts[k]:ends[k]]).strip())
+    return (np.flatnonzero(nonblank) + 1).astype(np.int64)
 
 
 def _rows_to_table(rows: list[tuple[int, dict]], cfg: Optional[DatasetConfig], bad: list[BadRow]):

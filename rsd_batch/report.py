@@ -16,7 +16,7 @@ from .config import method_label
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .ledger import ROLES
-from .runner import RUN_FILE
+from .rundir import RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
 def _correct_by_sample(run_dir: str) -> dict:
     import pyarrow.parquet as pq
 
-    from .merge import merged_path
+    from .rundir import merged_path
 
     t = pq.read_table(merged_path(run_dir), columns=["id", "sample_index", "correct"])
     return {(i, k): c for i, k, c in zip(t["id"].to_pylist(), t["sample_index"].to_pylist(),
@@ -264,7 +264,7 @@ def accuracy_by(run_dir: Path, key: str) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from .merge import merged_path
+    from .rundir import merged_path
 
     table = pq.read_table(merged_path(run_dir), columns=["metadata", "correct"])
     meta = table["metadata"].combine_chunks()

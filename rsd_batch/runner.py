@@ -1,43 +1,33 @@
-"""Running shards: batches, atomic part commits, resume inside a shard, refusing mixed configs.
-
-    <run>/run.json                          the run's fingerprint and the resolved config behind it
-    <run>/results/shard-00000.parts/part-00000.arrow ...   committed batches of a shard in progress
-    <run>/results/shard-00000.arrow         the finished shard (rows in shard order)
-    <run>/results/shard-00000.done.json     written last: fingerprint, rows, sha256
+"""Running shards: batches, atomic part commits, resume inside a shard.
 
 A batch is committed as one Arrow file renamed into place, so after a crash (even SIGKILL) every
 sample is either in exactly one part or not started; a relaunch reads the parts' ids and does the
-rest. Knows nothing about SLURM: a launcher calls `run_shard` for the shards it was given.
+rest. Where each result lies, which shards are done and whether a folder holds another config's
+results is rundir's to say. Knows nothing about SLURM: a launcher calls `run_shard` for the shards it was given.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
-import socket
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
-import numpy as np
 import pyarrow as pa
 
+from . import rundir
 from .config import Config, EngineName, method_identity, to_container
 from .errors import UserError
-from .files import (CorruptFile, fingerprint, move_to_corrupt, read_arrow, read_json, sha256_file, write_arrow,
-                    write_json)
+from .files import write_arrow
 from .grading import extract_answer, is_correct
 from .ledger import LEDGER_TYPE
-from .shards import read_manifest, read_shard, shard_name
+from .rundir import committed_keys, committed_parts, result_paths, shard_done, shard_covered, shard_lock, shard_name
+from .shards import read_manifest, read_shard
 
 if TYPE_CHECKING:  # the decode side (torch) loads only when a shard really runs
     from .methods import Context, Method, Result
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 
 STEP_TYPE = pa.struct([("text", pa.string()), ("source", pa.string()), ("reward", pa.float64()),
                        ("accepted", pa.bool_()), ("rejected_text", pa.string()),
@@ -48,14 +38,6 @@ OUTPUT_FIELDS = [
     ("extracted_answer", pa.string()), ("correct", pa.bool_()), ("error", pa.string()),
     ("ledger", LEDGER_TYPE),
 ]
-
-
-class RunConfigMismatch(UserError, RuntimeError):
-    pass
-
-
-def shards_dir(cfg: Config) -> Path:
-    return Path(cfg.run.shards_from or cfg.run.dir)
 
 
 def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
@@ -83,153 +65,7 @@ def run_identity(cfg: Config, manifest: dict, method: Method) -> dict:
     return identity
 
 
-def claim_run_dir(run_dir: Path, cfg: Config, identity: dict) -> tuple[str, bool]:
-    """This run's fingerprint, refusing a folder that holds another config's results (unless
-    run.fresh). Returns (fingerprint, whether run.json must be written): `record_run` writes it once
-    the models have loaded, so a run that cannot load never claims the folder."""
-    fp = fingerprint(identity)
-    path = run_dir / RUN_FILE
-    if path.exists():
-        try:
-            old = read_json(path, ("fingerprint", "identity"))
-        except CorruptFile as e:
-            log.warning("%s; writing it again (every part is checked against the fingerprint anyway)", e)
-            return fp, True
-        if old["fingerprint"] != fp:
-            if not cfg.run.fresh:
-                changes = _diff(old["identity"], identity)
-                raise RunConfigMismatch(
-                    f"{run_dir} holds results of another configuration (fingerprint "
-                    f"{old['fingerprint']}, now {fp}); reusing them would mix two configs. "
-                    f"What changed: {'; '.join(changes[:8])}"
-                    f"{' ...' if len(changes) > 8 else ''}. Use another run.dir, or set "
-                    "run.fresh=true to delete the old results and start again.")
-            log.warning("run.fresh=true: deleting the results of config %s in %s", old["fingerprint"], run_dir)
-            shutil.rmtree(run_dir / "results", ignore_errors=True)
-            shutil.rmtree(run_dir / "merged", ignore_errors=True)
-            path.unlink()
-        elif old.get("shards_dir") == str(shards_dir(cfg).resolve()):
-            return fp, False
-    return fp, True
-
-
-def record_run(run_dir: Path, cfg: Config, identity: dict, fp: str) -> None:
-    write_json(run_dir / RUN_FILE, {"fingerprint": fp, "identity": identity,
-                                    "shards_dir": str(shards_dir(cfg).resolve()),
-                                    "config": to_container(cfg)})
-
-
-def _diff(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
-
-
 # ---------------------------------------------------------------- one shard
-
-
-def result_paths(run_dir: Path, index: int) -> tuple[Path, Path, Path]:
-    base = Path(run_dir) / "results" / shard_name(index)
-    return base.with_suffix(".arrow"), base.with_suffix(".done.json"), base.with_suffix(".parts")
-
-
-def shard_done(run_dir: Path, index: int, fp: str, adopt: Optional[Callable[[pa.Table], Optional[str]]] = None) -> bool:
-    """Whether shard `index` is finished under `fp`. A marker that is not valid JSON is set aside; a
-    finished file without its marker (a crash between the two renames) is adopted only if `adopt`
-    finds nothing wrong with it (its rows and ids), else it is set aside and the shard is redone."""
-    final, done, parts = result_paths(run_dir, index)
-    if done.exists():
-        try:
-            if read_json(done, DONE_KEYS)["fingerprint"] != fp:
-                return False
-            if final.exists():
-                return True
-            move_to_corrupt(run_dir, done, f"says the shard is done, but {final.name} is missing")
-        except CorruptFile as e:
-            move_to_corrupt(run_dir, done, e.why)
-    if final.exists():
-        try:
-            table = read_arrow(final)
-            wrong = _fingerprint_of(table) != fp and f"written under config {_fingerprint_of(table)}, the run is {fp}"
-            wrong = wrong or (adopt(table) if adopt is not None else None)
-            if wrong:
-                raise CorruptFile(final, wrong)
-        except CorruptFile as e:
-            move_to_corrupt(run_dir, final, e.why)
-            return False
-        _mark_done(final, done, parts, fp)
-        return True
-    return False
-
-
-DONE_KEYS = ("fingerprint", "rows", "sha256")
-
-
-def _fingerprint_of(table: pa.Table) -> str:
-    return ((table.schema.metadata or {}).get(b"rsd_batch.fingerprint") or b"").decode()
-
-
-def shard_covered(table: pa.Table, ids: pa.Array, n: int) -> Optional[str]:
-    """What is wrong with a finished shard's results against its shard's ids, or None: each id n
-    times, in shard order (as `_finish_shard` writes them)."""
-    if table.num_rows != len(ids) * n:
-        return f"{table.num_rows} samples where the shard has {len(ids)} x {n}"
-    want = ids.take(pa.array(np.repeat(np.arange(len(ids)), n))) if n > 1 else ids
-    got = table["id"].combine_chunks() if isinstance(table["id"], pa.ChunkedArray) else table["id"]
-    if not got.equals(want.combine_chunks() if isinstance(want, pa.ChunkedArray) else want):
-        return "its ids are not the shard's, each once per sample, in shard order"
-    if n > 1 and not np.array_equal(table["sample_index"].to_numpy(), np.tile(np.arange(n), len(ids))):
-        return "its sample indices are not 0..n-1 for every problem"
-    return None
-
-
-def committed_parts(parts_dir: Path, fp: str, columns: Optional[list[str]] = None) -> list[pa.Table]:
-    """The committed parts of a shard in progress, each checked (a readable footer, the rows its name
-    says, the run's fingerprint); one that fails is set aside in <run>/corrupt/ and its samples are
-    redone. The commit protocol allows only a torn last part after a machine crash, but any is caught."""
-    run_dir = parts_dir.parent.parent
-    out = []
-    for part in sorted(parts_dir.glob("part-*.arrow")):
-        try:
-            table = read_arrow(part, rows=_part_rows(part.name))
-            if _fingerprint_of(table) != fp:
-                raise CorruptFile(part, f"written under config {_fingerprint_of(table) or '?'}, the run is {fp}")
-        except CorruptFile as e:
-            move_to_corrupt(run_dir, part, e.why)
-            continue
-        out.append(table.select(columns) if columns else table)
-    return out
-
-
-def committed_keys(parts_dir: Path, fp: str) -> set[tuple[str, int]]:
-    """(id, sample_index) of every committed sample of a shard in progress."""
-    keys: set[tuple[str, int]] = set()
-    for t in committed_parts(parts_dir, fp, ["id", "sample_index"]):
-        keys.update(zip(t["id"].to_pylist(), t["sample_index"].to_pylist()))
-    return keys
-
-
-def _part_rows(name: str) -> int:
-    return int(name.rsplit("-n", 1)[1][:-6])
-
-
-def _next_part(parts_dir: Path) -> int:
-    seqs = [int(p.name.split("-")[1]) for p in parts_dir.glob("part-*.arrow")] if parts_dir.exists() else []
-    return max(seqs) + 1 if seqs else 0
-
-
-def part_name(seq: int, rows: int) -> str:
-    # The row count in the name lets a resume scan count committed work from one directory listing.
-    return f"part-{seq:05d}-n{rows}.arrow"
-
-
-def committed_count(parts_dir: Path) -> int:
-    """Samples committed in a shard's parts, counted from the part names (no file is opened)."""
-    return sum(int(name.rsplit("-n", 1)[1][:-6]) for name in os.listdir(parts_dir)
-               if name.startswith("part-") and name.endswith(".arrow"))
 
 
 def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, method: Method, ctx: Context,
@@ -247,7 +83,7 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
     ids, problems = table["id"].to_pylist(), table["problem"].to_pylist()
     row_of = {key: row for row, key in enumerate(ids)}
     todo = [(row, k) for row in range(len(table)) for k in range(n) if (ids[row], k) not in seen]
-    next_part = _next_part(parts_dir)
+    next_part = rundir.next_part(parts_dir)
     stopped = False
 
     def tasks():
@@ -264,7 +100,7 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
         nonlocal next_part
         batch = [(row_of[t.id], t.sample_index) for t, _ in buffer]
         part = records_table(table, index, batch, [r for _, r in buffer], fp)
-        write_arrow(parts_dir / part_name(next_part, len(batch)), part)
+        write_arrow(parts_dir / rundir.part_name(next_part, len(batch)), part)
         next_part += 1
         if on_batch is not None:
             on_batch([r for _, r in buffer])
@@ -282,36 +118,9 @@ def run_shard(run_dir: Path, shards_root: Path, manifest: dict, index: int, meth
     return True
 
 
-@contextlib.contextmanager
-def shard_lock(run_dir: Path, index: int, wait: bool, poll_s: float = 1.0):
-    """One writer per shard, in any launcher: an exclusive fcntl lock on <run>/locks/shard-N.lock,
-    which the kernel drops when its process ends (so no lock outlives a crash). Yields whether it
-    is held; with `wait`, polls until it is, saying who holds it once a minute."""
-    lock_dir = Path(run_dir) / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{shard_name(index)}.lock", "a+") as f:
-        waited = 0.0
-        while True:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if not wait:
-                    yield False
-                    return
-                if waited % 60 < poll_s:
-                    f.seek(0)
-                    log.info("%s is held by %s; waiting", f.name, f.read().strip() or "another process")
-                time.sleep(poll_s)
-                waited += poll_s
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield True
-        finally:
-            f.truncate(0)  # an empty lock file is a free one; a named holder with no lock died holding it
+def shard_ids(shards_root: Path, manifest: dict) -> Callable[[int], pa.Array]:
+    """Shard i's ids, for rundir's adoption check of a finished file that lost its marker."""
+    return lambda i: read_shard(shards_root, manifest, i)["id"].combine_chunks()
 
 
 def _problems(shards_root: Path, manifest: dict, index: int) -> list[tuple[str, str]]:
@@ -353,30 +162,10 @@ def _finish_shard(parts_dir: Path, final: Path, done: Path, fp: str, expected: i
     if "source_file" in table.column_names:  # a set of several files: rows count within each file
         order.insert(0, ("source_file", "ascending"))
     write_arrow(final, table.sort_by(order))
-    _mark_done(final, done, parts_dir, fp)
-
-
-def _mark_done(final: Path, done: Path, parts_dir: Path, fp: str) -> None:
-    table = read_arrow(final, ["id"])
-    write_json(done, {"fingerprint": fp, "rows": table.num_rows, "sha256": sha256_file(final)})
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    rundir.mark_done(final, done, parts_dir, fp)
 
 
 # ---------------------------------------------------------------- all shards of a run
-
-
-def pending_work(run_dir: Path, manifest: dict, fp: str, n: int,
-                 indices: Optional[Iterable[int]] = None, shards_root: Optional[Path] = None) -> dict[int, int]:
-    """Samples left per unfinished shard, read from the run folder alone (the resume scan)."""
-    left = {}
-    for i in (indices if indices is not None else range(len(manifest["shards"]))):
-        if shard_done(run_dir, i, fp, adopt=lambda t, i=i: shard_covered(
-                t, read_shard(Path(run_dir if shards_root is None else shards_root), manifest, i)["id"]
-                .combine_chunks(), n)):
-            continue
-        _, _, parts = result_paths(run_dir, i)
-        left[i] = manifest["shards"][i]["rows"] * n - (committed_count(parts) if parts.exists() else 0)
-    return left
 
 
 class Progress:
@@ -478,8 +267,8 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     loaded model) is a cache a caller running several configs of the same models passes each time:
     the roles it lacks are loaded into it, so each model loads once.
     """
-    run_dir = Path(cfg.run.dir)
-    manifest = read_manifest(shards_dir(cfg))
+    run_dir, shards_root = rundir.run_dir(cfg), rundir.shards_dir(cfg)
+    manifest = read_manifest(shards_root)
     from .methods import Context, get_method
     from .models import check_memory, check_model_files, memory_plan, share_vocab
 
@@ -490,50 +279,53 @@ def run(cfg: Config, shard_indices: Optional[list[int]] = None,
     log.info("memory plan (weights + KV budget for %d sequences in flight):\n%s", cfg.run.batch_size,
              check_memory(memory_plan(cfg, method.roles(cfg.method), cfg.run.batch_size)))
     identity = run_identity(cfg, manifest, method)
-    fp, unrecorded = claim_run_dir(run_dir, cfg, identity)
+    fp, unrecorded = rundir.claim(run_dir, cfg, identity)
     indices = shard_indices if shard_indices is not None else range(len(manifest["shards"]))
-    left_by_shard = pending_work(run_dir, manifest, fp, cfg.method.n, indices, shards_dir(cfg))
+    left_by_shard = rundir.pending_work(run_dir, manifest, fp, cfg.method.n, shard_ids(shards_root, manifest), indices)
     pending = sorted(left_by_shard)
     report = {"run_dir": str(run_dir), "fingerprint": fp, "shards": len(manifest["shards"]),
               "skipped": len(list(indices)) - len(pending), "ran": pending, "complete": True}
     if not pending:
         if unrecorded:
-            record_run(run_dir, cfg, identity, fp)
+            rundir.record(run_dir, cfg, identity, fp)
         log.info("all %d shards of %s are done (fingerprint %s)", len(list(indices)), run_dir, fp)
         return report
-    left = sum(left_by_shard.values())
     log.info("%d of %d shards to run, %d samples left; results in %s",
-             len(pending), len(list(indices)), left, run_dir / "results")
+             len(pending), len(list(indices)), sum(left_by_shard.values()), run_dir / rundir.RESULTS)
     roles = method.roles(cfg.method)
     if not models:  # before any model loads: does every pending prompt fit the context?
         from .models import check_prompt_lengths
-        check_prompt_lengths(cfg, roles, [pair for i in pending for pair in _problems(shards_dir(cfg), manifest, i)])
+        check_prompt_lengths(cfg, roles, [pair for i in pending for pair in _problems(shards_root, manifest, i)])
     models = {} if models is None else models
     models.update(load_models(cfg, [r for r in roles if r not in models]))
     share_vocab({r: models[r] for r in roles})
     if unrecorded:
-        record_run(run_dir, cfg, identity, fp)
+        rundir.record(run_dir, cfg, identity, fp)
     ctx = Context(models={r: models[r] for r in roles}, method=cfg.method, prompt=cfg.prompt,
                   seed=cfg.run.seed, batch_size=cfg.run.batch_size)
     t0 = time.perf_counter()
-    complete = True
-    with Progress(left, method.name, cfg.run.progress, cfg.run.progress_every_s) as progress:
-        busy: list[int] = []  # shards another process holds: theirs first, then wait and check them
-        for i in pending + [None] + busy:
-            if i is None:
-                if busy:
-                    log.info("%d shards are held by another process on %s; waiting for them",
-                             len(busy), run_dir)
-                continue
-            with shard_lock(run_dir, i, wait=i in busy) as held:
+    with Progress(sum(left_by_shard.values()), method.name, cfg.run.progress, cfg.run.progress_every_s) as progress:
+        report["complete"] = _run_pending(cfg, manifest, pending, method, ctx, fp, progress, should_stop)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _run_pending(cfg: Config, manifest: dict, pending: list[int], method: Method, ctx: Context, fp: str,
+                 progress: Progress, should_stop: Optional[Callable[[], bool]]) -> bool:
+    """Each pending shard under its lock; those another process holds last, waiting for them (they
+    are done then, or taken over). False when `should_stop` stopped it."""
+    run_dir, shards_root = rundir.run_dir(cfg), rundir.shards_dir(cfg)
+    busy: list[int] = []
+    for wait, indices in ((False, pending), (True, busy)):
+        if wait and busy:
+            log.info("%d shards are held by another process on %s; waiting for them", len(busy), run_dir)
+        for i in indices:
+            with shard_lock(run_dir, i, wait=wait) as held:
                 if not held:
                     busy.append(i)
                     continue
                 progress.shard = shard_name(i)
-                if not run_shard(run_dir, shards_dir(cfg), manifest, i, method, ctx, fp, cfg.run.batch_size,
+                if not run_shard(run_dir, shards_root, manifest, i, method, ctx, fp, cfg.run.batch_size,
                                  on_batch=progress.update, should_stop=should_stop):
-                    complete = False
-                    break
-    report["seconds"] = time.perf_counter() - t0
-    report["complete"] = complete
-    return report
+                    return False
+    return True

@@ -8,7 +8,9 @@ The same input and config give byte-identical shards and manifest (nothing time-
 so re-sharding is a no-op and a fingerprint mismatch always means a real difference.
 
 Sharding streams (rsd_batch.staging): pass one validates and stages the rows block by block, pass two
-cuts them into the planned shards, hashing each from memory. Shards are renamed into place but not
+cuts them into the planned shards, hashing each from memory; when the row count is known before
+parsing, pass one feeds the cutter itself. Shards are written under `.staging/` and the folder is
+renamed into place once all are written. Shards are not
 fsynced one by one (on 1M rows that was most of the write time): the manifest, written last, is, and
 every shard's sha256 is checked when it is read, so a machine crash right after sharding shows up as
 a clear error that re-sharding fixes.
@@ -19,29 +21,26 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 
 from .config import DatasetConfig, to_container
 from .errors import UserError
+from . import rundir
 from .files import CorruptFile, atomic_path, fingerprint, read_arrow, read_json, sha256_file, write_arrow, write_json
 from .problems import open_problems
+from .rundir import MANIFEST, QUARANTINE, SHARDS, STAGING, shard_name
 from .staging import Staged, stage
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-QUARANTINE = "quarantine.jsonl"
 LOOKAHEAD = 1024  # rows after a shard that its slice is cut from
-STAGING = ".staging"  # pass one's blocks, removed once the shards are written
 MANIFEST_VERSION = 1
 
 
 class ShardError(UserError, RuntimeError):
     pass
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 MIN_SHARD_ROWS = 250  # below this a shard's work is mostly loading the models
@@ -80,31 +79,14 @@ def write_shards(cfg: DatasetConfig, run_dir: Path, fresh: bool = False) -> dict
     run_dir = Path(run_dir)
     src = open_problems(cfg)
     fp = dataset_fingerprint(src.source, cfg)
-    manifest_path = run_dir / MANIFEST
-    if manifest_path.exists():
-        try:
-            old = read_json(manifest_path)
-        except CorruptFile:
-            old = {}  # written again below, like a damaged shard
-        if old.get("fingerprint") == fp and _shards_intact(run_dir, old):
-            log.info("%s already holds these shards (fingerprint %s); nothing to do", run_dir, fp)
-            return old
-        if old.get("fingerprint") == fp or not old:
-            # Same problem set and config, a shard damaged or lost: the same bytes are written again and the
-            # results (of these very shards) are kept.
-            log.warning("%s: a shard or the manifest does not match; writing them again", run_dir)
-            shutil.rmtree(run_dir / "shards", ignore_errors=True)
-        elif not fresh:
-            raise ShardError(
-                f"{run_dir} already holds shards of another problem set or dataset config "
-                f"(fingerprint {old.get('fingerprint')}, now {fp}). Choose another run.dir, or set "
-                "run.fresh=true to delete its shards and results and start again.")
-        else:
-            clear_run(run_dir)
+    done = _already_there(run_dir, fp, fresh)
+    if done is not None:
+        return done
     created = not run_dir.exists()
     try:
-        staged = stage(src, cfg, folder=run_dir / STAGING)
-        shards, schema, with_answer = _write_planned(staged, cfg, run_dir)
+        staged, writer = _cut(src, cfg, run_dir / STAGING)
+        shutil.rmtree(run_dir / SHARDS, ignore_errors=True)
+        writer.folder.rename(run_dir / SHARDS)
     except BaseException:
         # A bad row stops the job before any shard: leave no folder behind that was not there before.
         shutil.rmtree(run_dir if created else run_dir / STAGING, ignore_errors=True)
@@ -120,42 +102,110 @@ def write_shards(cfg: DatasetConfig, run_dir: Path, fresh: bool = False) -> dict
         "dataset": to_container(cfg),
         "source": staged.source,
         "num_rows": staged.num_rows,
-        "num_with_answer": with_answer,
-        "schema": schema,
-        "shards": shards,
+        "num_with_answer": writer.with_answer,
+        "schema": writer.schema,
+        "shards": writer.shards,
         "quarantine": quarantine,
     }
-    write_json(manifest_path, manifest)
+    write_json(run_dir / MANIFEST, manifest)
     return manifest
 
 
-def _write_planned(staged: Staged, cfg: DatasetConfig, run_dir: Path) -> tuple[list[dict], str, int]:
-    """Pass two: cut the staged rows into the planned shards as they stream by, hashing each shard
-    from memory as it is written."""
-    plan = plan_shards(staged.num_rows, cfg)
-    shards: list[dict] = []
-    pending: list[pa.Table] = []
-    have = 0
-    schema, with_answer = "", 0
-    batches = staged.batches()
-    for index, (_, length) in enumerate(plan):
-        for t in batches:
-            pending.append(t)
-            have += len(t)
-            if have >= length + LOOKAHEAD:
-                break
+def _already_there(run_dir: Path, fp: str, fresh: bool) -> Optional[dict]:
+    """The manifest when the folder holds these very shards; else clear what must be written again
+    (or refuse another problem set's folder)."""
+    if not (run_dir / MANIFEST).exists():
+        return None
+    try:
+        old = read_json(run_dir / MANIFEST)
+    except CorruptFile:
+        old = {}  # written again, like a damaged shard
+    if old.get("fingerprint") == fp and _shards_intact(run_dir, old):
+        log.info("%s already holds these shards (fingerprint %s); nothing to do", run_dir, fp)
+        return old
+    if old.get("fingerprint") == fp or not old:
+        # Same problem set and config, a shard damaged or lost: the same bytes are written again and the
+        # results (of these very shards) are kept.
+        log.warning("%s: a shard or the manifest does not match; writing them again", run_dir)
+        shutil.rmtree(run_dir / SHARDS, ignore_errors=True)
+    elif not fresh:
+        raise ShardError(
+            f"{run_dir} already holds shards of another problem set or dataset config "
+            f"(fingerprint {old.get('fingerprint')}, now {fp}). Choose another run.dir, or set "
+            "run.fresh=true to delete its shards and results and start again.")
+    else:
+        rundir.clear(run_dir)
+    return None
+
+
+def _cut(src, cfg: DatasetConfig, staging: Path) -> tuple[Staged, "ShardWriter"]:  # noqa: ANN001
+    """Both passes: the shards end up in `writer.folder` (under `staging`)."""
+    writer = None
+
+    def direct(rows: int) -> ShardWriter:
+        nonlocal writer
+        writer = ShardWriter(plan_shards(rows, cfg), staging / "direct")
+        return writer
+    staged = stage(src, cfg, folder=staging, cut=direct)
+    if not staged.cut:
+        writer = ShardWriter(plan_shards(staged.num_rows, cfg), staging / SHARDS)
+        for table in staged.batches():
+            writer.feed(table)
+        writer.finish()
+    return staged, writer
+
+
+class ShardWriter:
+    """Pass two: cuts rows arriving in source order into the planned shards, writing each (and its
+    sha256, from memory) as soon as its rows and LOOKAHEAD rows after them are in."""
+
+    def __init__(self, plan: list[tuple[int, int]], folder: Path) -> None:
+        self.plan, self.folder = plan, folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pending: list[pa.Table] = []
+        self.have = 0
+        self.shards: list[dict] = []
+        self.schema, self.with_answer = "", 0
+
+    def feed(self, table: pa.Table) -> None:
+        if "_seq" in table.column_names:
+            table = table.drop_columns(["_seq"])
+        self.pending.append(table)
+        self.have += len(table)
+        while len(self.shards) < len(self.plan) and self.have >= self.plan[len(self.shards)][1] + LOOKAHEAD:
+            self._write_next()
+
+    def finish(self) -> None:
+        while len(self.shards) < len(self.plan):
+            self._write_next()
+
+    def abandon(self) -> tuple[list[tuple[Path, int, int]], list[pa.Table]]:
+        written = [(self.folder / Path(s["path"]).name, offset, s["rows"])
+                   for s, (offset, _) in zip(self.shards, self.plan)]
+        first = sum(rows for _, _, rows in written)
+        held = []
+        for t in self.pending:  # back with their sequence numbers (rows are consecutive here)
+            held.append(t.append_column("_seq", pa.array(np.arange(first, first + len(t), dtype=np.int64))))
+            first += len(t)
+        self.pending, self.have = [], 0
+        return written, held
+
+    def _write_next(self) -> None:
+        index = len(self.shards)
+        length = self.plan[index][1]
+        if self.have < length:
+            raise RuntimeError(f"shard {index}: {self.have} rows left for a planned {length}")
         # The shard as a slice of a longer array, as when the whole set was one table: Arrow's writer
         # pads a sliced buffer with the bytes that follow it, so this keeps the bytes of every shard.
-        window, _ = _split(pending, min(have, length + LOOKAHEAD))
+        window, _ = _split(self.pending, min(self.have, length + LOOKAHEAD))
         table = (pa.concat_tables(window) if len(window) > 1 else window[0]).combine_chunks().slice(0, length)
-        _, pending = _split(pending, length)
-        have -= length
-        rel = f"shards/{shard_name(index)}.arrow"
-        shards.append({"index": index, "path": rel, "rows": length,
-                       "sha256": write_arrow(run_dir / rel, table, durable=False)})
-        with_answer += length - table["answer"].null_count
-        schema = schema or table.schema.to_string(show_schema_metadata=False)
-    return shards, schema, with_answer
+        _, self.pending = _split(self.pending, length)
+        self.have -= length
+        name = f"{shard_name(index)}.arrow"
+        self.shards.append({"index": index, "path": f"{SHARDS}/{name}", "rows": length,
+                            "sha256": write_arrow(self.folder / name, table, durable=False)})
+        self.with_answer += length - table["answer"].null_count
+        self.schema = self.schema or table.schema.to_string(show_schema_metadata=False)
 
 
 def _split(tables: list[pa.Table], n: int) -> tuple[list[pa.Table], list[pa.Table]]:
@@ -171,14 +221,6 @@ def _split(tables: list[pa.Table], n: int) -> tuple[list[pa.Table], list[pa.Tabl
         else:
             rest.append(t)
     return head, rest
-
-
-def clear_run(run_dir: Path) -> None:
-    """Remove what a run folder holds (shards, results, merged output), keeping nothing stale."""
-    for name in ("shards", "results", "merged", STAGING):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (MANIFEST, QUARANTINE, "run.json", "summary.json"):
-        (run_dir / name).unlink(missing_ok=True)
 
 
 def _write_quarantine(path: Path, staged: Staged) -> None:

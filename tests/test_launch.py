@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rsd_batch.launch import (log_error_line, parse_duration, parse_sacct, sbatch_script,
-                              split_arrays, status)
+from rsd_batch.launch.plan import sbatch_script
+from rsd_batch.launch.scheduler import parse_duration, parse_sacct
+from rsd_batch.launch.status import status
+from rsd_batch.launch.submit import split_arrays
+from rsd_batch.launch.task import log_error_line
 from rsd_batch.runner import run
 from rsd_batch.shards import write_shards
 
@@ -160,3 +163,77 @@ def test_small_parsers():
     assert log_error_line(err).startswith("rsd_batch.models.ModelLoadError: model.target.path")
     limit = "slurmstepd-n1: error: *** JOB 5 ON n1 CANCELLED AT 2030-01-01 DUE TO TIME LIMIT ***\n"
     assert "DUE TO TIME LIMIT" in log_error_line(limit)
+
+
+def test_scheduler_view_error_policy(tmp_path, monkeypatch):
+    """Where sacct cannot answer, a submission refuses (a shard must never run twice) while a local
+    run or a dry run assumes nothing is queued. (Its one call per interval is tested on the real
+    cluster: test_slurm.py.)"""
+    from rsd_batch.launch.scheduler import LaunchError
+    from rsd_batch.launch.view import SUBMISSION_FILE, SchedulerView
+
+    sub = tmp_path / "slurm" / "20260101-000000-abcd"
+    sub.mkdir(parents=True)
+    (sub / SUBMISSION_FILE).write_text(json.dumps({
+        "submitted_at": time.time() - 3600, "run_dir": str(tmp_path), "fingerprint": "f",
+        "arrays": [{"job_id": "12", "throttle": 1, "tasks": [{"job_id": "12_0", "shards": [0, 1]}]}],
+        "merge_job": None}))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    view = SchedulerView(tmp_path / "slurm", min_interval_s=60)
+    assert view.tasks()[1]["job_id"] == "12_0" and view.job_ids() == ["12"]
+    assert view.busy(strict=False) == {} and "sacct is not on PATH" in view.error
+    with pytest.raises(LaunchError, match="sacct is not on PATH.*nothing is submitted"):
+        view.busy(strict=True)
+
+
+def test_stop_context_stops_after_the_batch_and_restores_the_handlers():
+    """SIGTERM inside `Stop` only sets the flag (the runner finishes the batch in flight); the
+    previous handler is back afterwards. A warning signal arms the watchdog, whose grace running out
+    (or a second warning) calls `now`."""
+    from rsd_batch.launch.stopping import Stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    called = []
+    with Stop(warning=signal.SIGUSR2, grace_s=0.2, now=lambda *a: called.append(a[0])) as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop() and stop.signals == ["SIGTERM"] and not stop.warned()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.6)  # the grace runs out: the watchdog re-sends the warning, which calls `now`
+        assert stop.warned() and stop.signals[-1] == "watchdog" and called == [signal.SIGUSR2]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_launch_is_a_package_of_small_rooms_that_nothing_below_imports():
+    """The orchestration side's house rules: launch/ is imported only by the job bodies above it,
+    rundir.py (the run folder's one owner) asks no room above it, and no function in launch/ is
+    longer than ~60 lines."""
+    import ast
+
+    from rsd_batch.config import ROOT
+
+    pkg = ROOT / "rsd_batch"
+
+    def imports(path):
+        """The rooms (top-level modules or packages of rsd_batch) a module imports, lazily or not."""
+        here = path.relative_to(pkg).with_suffix("").parts[:-1]  # the package it is in
+        rooms = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                parts = list(here[: len(here) - node.level + 1]) + (node.module.split(".") if node.module else [])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rsd_batch."):
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            rooms |= {parts[0]} if parts else {a.name for a in node.names}
+        return rooms
+
+    importers = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py")
+                 if "launch" in imports(p) and p.parent.name != "launch"}
+    assert importers == {"app.py"}, importers
+    assert imports(pkg / "rundir.py") <= {"errors", "files", "config"}, imports(pkg / "rundir.py")
+    long = [(p.name, n.name, n.end_lineno - n.lineno + 1) for p in (pkg / "launch").glob("*.py")
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef)
+            and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, long

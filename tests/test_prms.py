@@ -35,7 +35,7 @@ def load(fmt, folders):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_reward_positions(fmt, prm_folders):
-    prm = load(fmt, prm_folders)
+    prm = load(fmt, prm_folders).adapter
     tok = prm.tokenizer
     ids, pos = prm.encode(PROBLEMS[1], STEPS[1])
     assert len(pos) == len(STEPS[1]) and pos == sorted(pos)
@@ -57,7 +57,7 @@ def test_reward_positions(fmt, prm_folders):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_padding_and_batch_invariance(fmt, prm_folders):
-    prm = load(fmt, prm_folders)
+    prm = load(fmt, prm_folders).adapter
     left = prm.score(PROBLEMS, STEPS, padding_side="left")
     right = prm.score(PROBLEMS, STEPS, padding_side="right")
     alone = [prm.score([p], [s])[0] for p, s in zip(PROBLEMS, STEPS)]
@@ -100,7 +100,7 @@ def test_incremental_scoring_equals_full_scoring(fmt, prm_folders):
             committed[i].append(STEPS[i][k])
     # Only new tokens were read: the PRM processed each final token once, plus the rejected steps.
     for i, s in enumerate(seqs):
-        final = len(prm.encode(PROBLEMS[i], committed[i])[0])
+        final = len(prm.adapter.encode(PROBLEMS[i], committed[i])[0])
         assert final <= s.ledger.prm.prefill_tokens < final + 40
 
 

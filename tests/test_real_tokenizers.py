@@ -211,7 +211,7 @@ def test_every_prm_call_of_an_rsd_run_is_the_model_cards_input(fmt, real_prms, q
     models = load_models(cfg, method.roles(cfg.method))
     results = dict(method.run([Task(str(i), 0, p) for i, p in enumerate(problems)],
                               Context(models, cfg.method, cfg.prompt, cfg.run.seed, 4)))
-    hf = load_prm(cfg.prm)
+    hf = load_prm(cfg.prm).adapter
     tok = hf.tokenizer
     card = {"skywork": lambda p, s: card_skywork(tok, p, s),
             "qwen_prm": lambda p, s: card_qwen_prm(tok, p, s, hf.system),

@@ -12,7 +12,8 @@ from rsd_batch.files import read_arrow, read_json, write_arrow
 from rsd_batch.merge import MergeError, merge_run
 from rsd_batch.models import render_prompt
 from rsd_batch.problems import load_problems
-from rsd_batch.runner import RunConfigMismatch, _mark_done, result_paths, run
+from rsd_batch.rundir import RunConfigMismatch, mark_done, result_paths
+from rsd_batch.runner import run
 from rsd_batch.shards import write_shards
 
 from conftest import cli, make_config
@@ -148,7 +149,7 @@ def test_merge_refuses_missing_shard_and_bad_coverage(tiny_run_args):
 
     def rewrite(table):  # as if the run itself had written it: a marker that agrees
         write_arrow(final1, table.replace_schema_metadata(t1.schema.metadata))
-        _mark_done(final1, done1, final1.with_suffix(".parts"), fp)
+        mark_done(final1, done1, final1.with_suffix(".parts"), fp)
 
     # A sample committed twice (shard 0's first row also in shard 1) must not merge.
     rewrite(pa.concat_tables([t1, t0.slice(0, 1)]))

@@ -12,7 +12,8 @@ import pytest
 
 from rsd_batch.files import read_arrow, read_json
 from rsd_batch.merge import MergeError, merge_run
-from rsd_batch.runner import result_paths, run
+from rsd_batch.rundir import result_paths
+from rsd_batch.runner import run
 from rsd_batch.shards import ShardError, write_shards
 
 from conftest import make_config
@@ -139,7 +140,7 @@ def test_a_model_that_fails_to_load_claims_nothing_and_says_why(tiny_run_args, t
 def test_weights_changed_in_place_are_refused_and_a_copy_is_accepted(tiny_run_args, tiny_models, tmp_path):
     import shutil
 
-    from rsd_batch.runner import RunConfigMismatch
+    from rsd_batch.rundir import RunConfigMismatch
     copy = tmp_path / "target-copy"
     shutil.copytree(tiny_models["target"], copy)
     cfg = make_config(*tiny_run_args, f"model.target.path={copy}")
@@ -252,7 +253,7 @@ def test_chaos(seed, tiny_run_args, tiny_models, reference, tmp_path):
     import time
 
     from rsd_batch.doctor import examine
-    from rsd_batch.runner import RunConfigMismatch
+    from rsd_batch.rundir import RunConfigMismatch
     rng = random.Random(seed)
     kind = CHAOS[seed % len(CHAOS)]
     target = tmp_path / "target"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from rsd_batch.files import read_arrow, sha256_file
-from rsd_batch.problems import load_problems
 from rsd_batch.shards import ShardError, plan_shards, read_shard, write_shards
 
 from conftest import make_config
@@ -128,3 +127,74 @@ def test_small_blocks_give_the_same_rows(corpus, name, tmp_path, monkeypatch):
         assert ta.equals(tb)
     qa, qb = tmp_path / "one" / "quarantine.jsonl", tmp_path / "many" / "quarantine.jsonl"
     assert qa.exists() == qb.exists() and (not qa.exists() or qa.read_text() == qb.read_text())
+
+
+def test_direct_cut_and_staged_path_write_the_same_bytes(tmp_path, monkeypatch):
+    """A plain JSON-lines file is counted while it is hashed (lines that open an object) and cut into
+    shards in pass one; blank lines do not change that count. A broken line (counted, then bad), a
+    late repeated id and a block whose metadata changes type each send it back to staging at that
+    point. The same file gzipped cannot be counted and is always staged: both must give the same bytes."""
+    import gzip
+    import json
+
+    import rsd_batch.problems as problems
+    from rsd_batch.problems import open_problems
+    from rsd_batch.staging import stage
+
+    monkeypatch.setattr(problems, "BLOCK_BYTES", 20_000)  # ~60 blocks, so the switch lands mid-file
+    rows = [{"id": f"q{i:05d}", "problem": f"What is {i} + {i % 7}?" + " pad" * (i % 13), "answer": str(i + i % 7),
+             "level": i % 5} for i in range(4000)]
+    lines = [json.dumps(r) for r in rows]
+    variants = {  # name -> (lines, cut in pass one)
+        "clean": (lines, True),
+        "blank": (lines[:2000] + ["   "] + lines[2000:] + [""], True),
+        "broken": (lines[:2000] + ['{"id": "cut short", '] + lines[2000:], False),
+        "late_repeat": (lines + [json.dumps({**rows[3], "problem": "again"})], False),
+        "level_turns_text": (lines[:3000] + [json.dumps({**r, "level": f"L{r['level']}"}) for r in rows[3000:]],
+                             False),
+    }
+    for name, (body, direct) in variants.items():
+        text = "\n".join(body) + "\n"
+        (tmp_path / f"{name}.jsonl").write_text(text)
+        (tmp_path / f"{name}.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+        got = []
+        for suffix in (".jsonl", ".jsonl.gz"):
+            cfg = make_config("dataset=math500", f"dataset.source={tmp_path / name}{suffix}", "dataset.fields.id=id",
+                              "dataset.fields.solution=null", "dataset.shard_size=300",
+                              "dataset.on_bad_row=skip", "dataset.on_duplicate_id=keep_first").dataset
+            calls = []
+            staged = stage(open_problems(cfg), cfg, folder=tmp_path / "staging",
+                           cut=lambda n: calls.append(n) or _Collect())
+            if suffix == ".jsonl":
+                assert calls == [len(body) - body.count("   ") - body.count("")] and staged.cut == direct, name
+            else:
+                assert calls == [] and not staged.cut
+            out = tmp_path / f"{name}{suffix}-run"
+            m = write_shards(cfg, out)
+            assert m["num_rows"] == len(rows) and not (out / ".staging").exists()
+            got.append([(out / s["path"]).read_bytes() for s in m["shards"]])
+        assert got[0] == got[1], name
+    clean = read_arrow(tmp_path / "clean.jsonl-run" / "shards" / "shard-00000.arrow")
+    mixed = read_arrow(tmp_path / "level_turns_text.jsonl-run" / "shards" / "shard-00000.arrow")
+    assert mixed["problem"].equals(clean["problem"]) and mixed["metadata"].type != clean["metadata"].type
+    # a field with both types is JSON text in every row, whichever block a row was read in
+    levels = [json.loads(m["level"]) for s in sorted((tmp_path / "level_turns_text.jsonl-run" / "shards").iterdir())
+              for m in read_arrow(s)["metadata"].to_pylist()]
+    assert levels == [r["level"] for r in rows[:3000]] + [f"L{r['level']}" for r in rows[3000:]]
+
+
+class _Collect:
+    """A cut that keeps what it is fed: enough to see which path pass one took."""
+
+    def __init__(self):
+        self.tables = []
+
+    def feed(self, table):
+        self.tables.append(table)
+
+    def finish(self):
+        pass
+
+    def abandon(self):
+        held, self.tables = self.tables, []
+        return [], held

@@ -18,7 +18,8 @@ import pytest
 
 from rsd_batch import app
 from rsd_batch.config import ROOT
-from rsd_batch.launch import format_status, status
+from rsd_batch.launch.status import format_status, status
+from rsd_batch.launch.view import SchedulerView
 from rsd_batch.merge import merge_run
 
 from conftest import cli, make_config
@@ -67,7 +68,7 @@ def all_done(run_dir: Path, n: int) -> bool:
 
 def committed(run_dir: Path, shard: int) -> int:
     """Samples committed in a shard in progress (0 once it is finished: its parts are gone)."""
-    from rsd_batch.runner import committed_count
+    from rsd_batch.rundir import committed_count
     folder = run_dir / "results" / f"shard-{shard:05d}.parts"
     try:
         return committed_count(folder)
@@ -207,7 +208,7 @@ def test_time_limit_and_preemptions_requeue_resume_inside_the_shard_and_are_limi
         tiny_run_args, tmp_path, capsys):
     from submitit.slurm.slurm import SlurmJob
 
-    from rsd_batch.launch import parse_duration
+    from rsd_batch.launch.scheduler import parse_duration
 
     # 48 samples (2 per problem) in one shard: long enough to interrupt it three times.
     args = slow(tiny_run_args, **{"dataset.shard_size": 24, "launcher.max_preemptions": 1})
@@ -313,6 +314,13 @@ def test_arrays_larger_than_max_array_size_are_split(tiny_run_args, tmp_path, ca
     rep = status(make_config(*args))
     assert rep["sacct_calls"] == 1 and {r["job_id"].split("_")[0] for r in rep["shards"]} == \
         {a["job_id"], b["job_id"]}
+    # One view, asked again and again within its interval: one sacct call (submitit's InfoWatcher).
+    first = {a["tasks"][0]["job_id"], b["tasks"][0]["job_id"]}
+    wait_for("the arrays in accounting", lambda: first <= set(SchedulerView.of(make_config(*args)).states()))
+    view = SchedulerView.of(make_config(*args))
+    for _ in range(3):
+        states = view.states()
+    assert first <= set(states) and view.calls == 1 and view.error is None
     wait_for("12 shards", lambda: all_done(run_dir, 12))
     assert merged_samples(run_dir) == 24
 

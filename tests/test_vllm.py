@@ -162,7 +162,7 @@ def test_prm_rewards_equal_hf(fmt, prm_folders):
             seqs[i].steps.append(Step(STEPS[i][k], "draft", r, True))
             committed[i].append(STEPS[i][k])
     for i, s in enumerate(seqs):  # it read every token of the final input, and vLLM reports its cache hits
-        assert s.ledger.prm.prefill_tokens >= len(hf.encode(PROBLEMS[i], committed[i])[0]) - 32
+        assert s.ledger.prm.prefill_tokens >= len(hf.adapter.encode(PROBLEMS[i], committed[i])[0]) - 32
 
 
 # ---------------------------------------------------------------- a run killed mid-shard

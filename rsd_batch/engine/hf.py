@@ -134,12 +134,13 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
     rewards = [0.0] * len(seqs)
     for group in length_groups([len(ids) for ids, _ in rows], max_batch_tokens):
         chunks = [rows[i][0] for i in group]
-        batch = KVBatch(prm.backbone, prm.device, prm.pad_id, [seqs[i].cache("prm") for i in group], chunks)
+        batch = KVBatch(prm.adapter.backbone, prm.device, prm.adapter.pad_id, [seqs[i].cache("prm") for i in group],
+                        chunks)
         t0 = time.perf_counter()
         hidden = batch.forward_chunk().last_hidden_state
         picked = torch.stack([hidden[b, batch.width - len(chunks[b]) + rows[i][1]]
                               for b, i in enumerate(group)])
-        scores = prm.rewards_from_hidden(picked).float().cpu().tolist()  # .cpu() waits for the GPU
+        scores = prm.adapter.rewards_from_hidden(picked).float().cpu().tolist()  # .cpu() waits for the GPU
         elapsed = time.perf_counter() - t0
         total = sum(len(c) for c in chunks)
         for b, i in enumerate(group):

@@ -206,11 +206,11 @@ def prm_chunks(prm, seqs: list[Seq], candidates: list[str]) -> list[tuple[list[i
     rows = []
     for s, cand in zip(seqs, candidates):
         read = s.cache("prm").length
-        ids = list(prm.prefix_ids(s.problem)) if read == 0 else []
+        ids = list(prm.adapter.prefix_ids(s.problem)) if read == 0 else []
         n_scored = len(s.steps) - len(s.prm_pending)
         for j, text in enumerate(s.prm_pending):
-            ids += prm.step_ids(s.problem, text, n_scored + j)[0]
-        step_ids, offset = prm.step_ids(s.problem, cand, len(s.steps))
+            ids += prm.adapter.step_ids(s.problem, text, n_scored + j)[0]
+        step_ids, offset = prm.adapter.step_ids(s.problem, cand, len(s.steps))
         s.prm_committed = read + len(ids)
         rows.append((ids + step_ids, len(ids) + offset))
         s.prm_pending = []

@@ -176,6 +176,7 @@ def load_prm(cfg, plan: list[dict]):
     from transformers import AutoConfig
 
     from ..ledger import CostModel
+    from ..models import LoadedPRM
     from ..prms import PRM_ADAPTERS, load_prm as load_hf_prm
 
     if cfg.prm.format == "oracle":  # the toy checker runs no model
@@ -184,10 +185,9 @@ def load_prm(cfg, plan: list[dict]):
                                                            backbone=False)
     config = AutoConfig.from_pretrained(cfg.prm.path, revision=cfg.prm.revision,
                                         trust_remote_code=cfg.prm.trust_remote_code)
-    adapter.engine = _engine(cfg, "prm", plan)
-    adapter.role, adapter.device, adapter.backend = "prm", torch.device("cpu"), _this_module()
-    adapter.cost = CostModel.from_config(config, adapter.auto_class)
-    return adapter
+    # `device` is where this process's tensors for it live: vLLM places the model itself.
+    return LoadedPRM(adapter, CostModel.from_config(config, adapter.auto_class), torch.device("cpu"),
+                     backend=_this_module(), engine=_engine(cfg, "prm", plan))
 
 
 def _this_module():
@@ -353,7 +353,7 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
     t0 = time.perf_counter()
     outs = prm.engine.embed([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False)
     hidden = torch.tensor([o.outputs.embedding for o in outs], dtype=torch.float32)
-    rewards = prm.rewards_from_hidden(hidden).float().tolist()
+    rewards = prm.adapter.rewards_from_hidden(hidden).float().tolist()
     elapsed = time.perf_counter() - t0
     _charge(prm, seqs, [len(p) for p in prompts], [o.num_cached_tokens or 0 for o in outs],
             [0] * len(seqs), elapsed, logits=0)

@@ -27,17 +27,6 @@ class PRMAdapter(ABC):
     device: torch.device
     max_batch_tokens: int = 16384
 
-    @property
-    def backend(self):
-        """The engine module that runs the backbone: this project's loop unless another is attached
-        (rsd_batch/engine/vllm.py: load_prm)."""
-        from ..engine import hf
-        return self.__dict__.get("_backend", hf)
-
-    @backend.setter
-    def backend(self, value) -> None:
-        self.__dict__["_backend"] = value
-
     @abstractmethod
     def prefix_ids(self, problem: str) -> list[int]:
         """Tokens before the first step."""

@@ -7,18 +7,13 @@ rsd_batch/toy/problems.py): the checker needs each problem's operations, which t
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from ..ledger import CostModel
 from ..toy.checker import label_steps
 from ..toy.problems import read_problem_set
 
 
 class OraclePRM:
-    role = "prm"
-    cost = CostModel(non_embedding_params=0, n_layers=0, d_attn=0)
-
     def __init__(self, problems):
         self.problems = {p.text: p for p in problems}
 
@@ -28,10 +23,6 @@ class OraclePRM:
             raise ValueError(f"prm=oracle reads the toy problem set the run decodes; {path} is not a file "
                              "(prm.path, default: dataset.source)")
         return cls(read_problem_set(path))
-
-    @property
-    def backend(self):
-        return sys.modules[__name__]  # this module's score_steps: no engine runs
 
     def reward(self, problem: str, steps: list[str]) -> float:
         known = self.problems.get(problem)
@@ -43,6 +34,7 @@ class OraclePRM:
         return [[self.reward(p, list(s[: i + 1])) for i in range(len(s))] for p, s in zip(problems, steps)]
 
 
-def score_steps(prm: OraclePRM, seqs, candidates: list[str], max_batch_tokens: int) -> list[float]:
-    """The checker's verdict on each candidate after the sequence's committed steps."""
-    return [prm.reward(s.problem, [st.text for st in s.steps] + [c]) for s, c in zip(seqs, candidates)]
+def score_steps(prm, seqs, candidates: list[str], max_batch_tokens: int) -> list[float]:
+    """The checker's verdict on each candidate after the sequence's committed steps (this module is
+    the oracle's engine: `LoadedPRM.backend`)."""
+    return [prm.adapter.reward(s.problem, [st.text for st in s.steps] + [c]) for s, c in zip(seqs, candidates)]
