@@ -145,6 +145,7 @@ def test_merge_refuses_missing_shard_and_bad_coverage(tiny_run_args):
     write_arrow(final1, edited.replace_schema_metadata(t1.schema.metadata))
     with pytest.raises(MergeError, match=r"sha256 does not match.*Delete .*shard-00001.arrow and .*done.json"):
         merge_run(run_dir)
+    assert not (run_dir / "merged").exists() or not list((run_dir / "merged").iterdir())  # nothing shipped
     fp = read_json(done1)["fingerprint"]
 
     def rewrite(table):  # as if the run itself had written it: a marker that agrees
