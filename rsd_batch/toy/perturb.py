@@ -8,9 +8,10 @@ so the PRM learns local correctness ("is this step right given the previous valu
 from __future__ import annotations
 
 import random
+import re
 
 from .checker import label_steps
-from .problems import OP_SYMBOL, Op, Problem, answer_step_text, apply_op, first_step_text, op_step_text, worked_columns
+from .problems import MUL_WORDS, OP_SYMBOL, Op, Problem, answer_step_text, apply_op, first_step_text, op_step_text, worked_columns
 
 
 def perturb_number(rng: random.Random, n: int) -> int:
@@ -58,18 +59,78 @@ def _sym_step(op: Op, a: int, kind: str, b: int, fault=None, c: int | None = Non
     return f"{op.sentence[:-1]}: {a} {OP_SYMBOL[kind]} {b} ({','.join(cols)}) = {c}.", c
 
 
-def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
+# The kinds of operation-step slips and their default shares (policies' slips; ``sentence`` is the
+# draft's commonest: restating another operation, or its own with another operation's operand).
+SLIPS = {"column": 0.25, "result": 0.30, "carried": 0.06, "column_read": 0.05, "operand": 0.07, "operator": 0.07,
+         "sentence": 0.20}
+
+
+def _restate(op: Op, b: int) -> str:
+    """``op``'s sentence with operand ``b`` instead of its own (mul: the doubles/triples word follows)."""
+    pronoun = op.sentence.split(" ", 1)[0]
+    if op.kind == "mul":
+        return (f"{pronoun} {MUL_WORDS[b]} them." if b in MUL_WORDS and not op.sentence.endswith(f" {op.operand}.")
+                else f"{pronoun} multiplies them by {b}.")
+    return re.sub(rf"\b{op.operand}\b", str(b), op.sentence, count=1)
+
+
+def _sentence_slip(rng: random.Random, op: Op, a: int, others: list[Op]) -> tuple[str, int] | None:
+    """The step restates the wrong sentence, with arithmetic consistent with it: another operation's
+    (skipped to or repeated), its own with another operand, or another's with its own operand."""
+    other = [o for o in others if o is not op]
+    r = rng.random()
+    if other and r < 0.35:
+        o = rng.choice(other)
+        kind, b, sentence = o.kind, o.operand, o.sentence
+    elif other and r < 0.55 and op.kind != "mul":
+        o = rng.choice([o for o in other if o.kind != "mul"] or other)
+        kind = o.kind
+        b = op.operand if kind != "mul" else o.operand
+        sentence = _restate(o, b)
+    else:
+        if op.kind == "mul":
+            b = 5 - op.operand if op.operand in (2, 3) else rng.choice([2, 3])
+        else:
+            cands = [o.operand for o in other if o.kind != "mul" and o.operand != op.operand]
+            b = rng.choice(cands) if cands and rng.random() < 0.7 else perturb_number(rng, op.operand)
+        kind, sentence = op.kind, _restate(op, b)
+    try:
+        c = apply_op(kind, a, b)
+    except ValueError:
+        return None
+    if c < 0:
+        return None
+    cols, c = worked_columns(kind, a, b)
+    return f"{sentence[:-1]}: {a} {OP_SYMBOL[kind]} {b} ({','.join(cols)}) = {c}.", c
+
+
+def _wrong_op_step(rng: random.Random, op: Op, a: int, others: list[Op] = (),
+                   slips: dict[str, float] | None = None) -> tuple[str, int]:
     """An incorrect op step text and the value it arrives at (the slips a policy makes: one wrong column
-    carried on consistently, a miscopied result, carried-in value, operand or digit, a wrong operator)."""
+    carried on consistently, a miscopied result, carried-in value, operand or digit, a wrong operator or
+    sentence), the kind drawn with the weights ``slips`` (default :data:`SLIPS`); ``others`` are the
+    problem's operations (for ``sentence``)."""
     c = op.apply(a)
-    kind = rng.random()
-    if kind < 0.30:  # one column wrong, the rest consistent with it
+    slips = slips or SLIPS
+    kind = rng.choices(list(slips), weights=list(slips.values()))[0]
+    if kind == "sentence":
+        out = _sentence_slip(rng, op, a, list(others))
+        if out is not None and out[1] >= 0:
+            return out
+        kind = "result"
+    if kind == "column" and rng.random() < 0.2:  # the last column left out, the result one digit short
+        cols, _ = worked_columns(op.kind, a, op.operand)
+        if len(cols) > 1 and len(str(c)) > 1:
+            c2 = int(str(c)[1:])
+            return f"{op.sentence[:-1]}: {a} {op.symbol} {op.operand} ({','.join(cols[:-1])}) = {c2}.", c2
+    if kind == "column":  # one column wrong, the rest consistent with it
         f = _fault(rng, op.kind, a, op.operand)
         if f is not None:
             text, c2 = _sym_step(op, a, op.kind, op.operand, fault=f)
             if c2 >= 0:
                 return text, c2
-    if kind < 0.65:  # right columns, miscopied result (the draft's commonest slip: one digit, often the last)
+        kind = "result"
+    if kind == "result":  # right columns, miscopied result (the draft's commonest slip: one digit, often the last)
         s = str(c)
         i = len(s) - 1 if rng.random() < 0.5 else rng.randrange(len(s))
         d = int(s[i])
@@ -78,7 +139,7 @@ def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
         if c2 == c or (c2 > 0 and s[0] != "0" and str(c2)[0] == "0"):
             c2 = perturb_number(rng, c)
         return _sym_step(op, a, op.kind, op.operand, c=c2)
-    if kind < 0.72:  # wrong carried-in value, consistent arithmetic
+    if kind == "carried":  # wrong carried-in value, consistent arithmetic
         a2 = perturb_number(rng, a)
         try:
             if op.apply(a2) >= 0:
@@ -86,7 +147,7 @@ def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
         except ValueError:
             pass
         return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
-    if kind < 0.78:  # the columns read a miscopied digit of a, the header the right a
+    if kind == "column_read":  # the columns read a miscopied digit of a, the header the right a
         a2 = perturb_number(rng, a)
         try:
             if op.apply(a2) >= 0 and len(str(a2)) == len(str(a)):
@@ -95,7 +156,7 @@ def _wrong_op_step(rng: random.Random, op: Op, a: int) -> tuple[str, int]:
         except ValueError:
             pass
         return _sym_step(op, a, op.kind, op.operand, c=perturb_number(rng, c))
-    if kind < 0.90:  # wrong operand
+    if kind == "operand":  # wrong operand in the arithmetic, the sentence right
         b2 = perturb_number(rng, op.operand)
         try:
             if apply_op(op.kind, a, b2) >= 0:
@@ -149,7 +210,7 @@ def perturbed_solution(problem: Problem, rng: random.Random, p_continue: float =
                     c = perturb_number(rng, v)
                 steps.append(op_step_text(nxt, v, c))
                 break
-            text, v = _wrong_op_step(rng, op, v)
+            text, v = _wrong_op_step(rng, op, v, problem.ops)
             steps.append(text)
         else:
             break
@@ -180,10 +241,11 @@ def wrong_result_probe(problem: Problem, rng: random.Random) -> tuple[list[str],
     return steps, steps[:-1] + [wrong]
 
 
-def multi_perturbed_solution(problem: Problem, rng: random.Random, p_err: float = 0.35) -> list[str]:
+def multi_perturbed_solution(problem: Problem, rng: random.Random, p_err: float = 0.35,
+                             slips: dict[str, float] | None = None) -> list[str]:
     """A full solution in which every operation step slips independently with probability ``p_err``
-    (:func:`_wrong_op_step`), each later step carrying on correctly from the value written before it;
-    the first and answer steps slip now and then too. Dense negatives for PRM training: every wrong step
+    (:func:`_wrong_op_step`, kinds weighted ``slips``), each later step carrying on correctly from the
+    value written before it; the first and answer steps slip now and then too. Dense negatives for PRM training: every wrong step
     is wrong *locally*, so the checker's local labels mark each one."""
     steps: list[str] = []
     v = problem.start
@@ -197,7 +259,7 @@ def multi_perturbed_solution(problem: Problem, rng: random.Random, p_err: float 
         except ValueError:
             break
         if rng.random() < p_err:
-            text, v2 = _wrong_op_step(rng, op, v)
+            text, v2 = _wrong_op_step(rng, op, v, problem.ops, slips)
         else:
             try:
                 v2 = op.apply(v)

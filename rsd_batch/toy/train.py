@@ -17,10 +17,12 @@ The PRM (Math-Shepherd format) is initialised from the trained draft (``prm.init
 (``prm.untie_head``); it stays under 1/10 of the target, so scoring a step is cheap next to it. It is
 fine-tuned on (a) on-policy draft rollouts at temperature 0.7, (b) reference solutions with one
 synthetically corrupted step, (c) clean references and (d) a fresh stream of references in which any
-operation step may slip (``prm.fresh_share`` of every batch), with the checker's *local-correctness*
-labels at every ``ки`` tag (2-way loss over the ``+``/``-`` logits, exactly what the adapter reads; "-"
-mistakes weigh ``prm.neg_weight`` times more) and dense labels on the tokens of each operation step up
-to its first wrong token (see :class:`PRMSpec`): the worked columns make every check local.
+operation step may slip (``prm.fresh_share`` of every batch), in two phases: first mostly (d) with
+column and result slips only, at a constant LR (the arithmetic checks, ``prm.phase1_*``), then the
+whole mix with every slip kind. Labels: the checker's *local-correctness* labels at every ``ки`` tag
+(2-way loss over the ``+``/``-`` logits, exactly what the adapter reads; "-" mistakes weigh
+``prm.neg_weight`` times more) and dense labels on the tokens of each operation step up to its first
+wrong token (see :class:`PRMSpec`): the worked columns make every check local.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from .build import build_toy_tokenizer, count_parameters, new_model, save_model
 from .checker import check_solution, label_steps
 from .lm import PolicyBatcher, generate_solutions, lm_loss, pad_batch, train_loop
-from .perturb import multi_perturbed_solution, perturbed_solution
+from .perturb import SLIPS, multi_perturbed_solution, perturbed_solution
 from .problems import ProblemConfig, generate_problems, make_problem, op_step_text, read_problem_set, write_problem_set
 
 
@@ -68,10 +70,23 @@ class PolicySpec:
 @dataclass
 class PRMSpec:
     init_from: str = "draft"  # draft | target: which trained policy the PRM starts from
+    # Two phases. Phase 1: constant phase1_lr on mostly fresh solutions whose slips are column and
+    # result slips only (phase1_slips): on the full mix under a decaying LR the PRM learns how the
+    # draft's slips look and never learns to check the columns (arithmetic probe ~0.6 instead of ~0.96).
+    # (Sentence slips in phase 1 too: the result check is learned worse, the sentence check no better.)
+    phase1_steps: int = 1400
+    phase1_lr: float = 1e-3
+    phase1_warmup: int = 100
+    phase1_fresh_share: float = 0.9
+    phase1_slips: Dict[str, float] = field(default_factory=lambda: {"column": 0.6, "result": 0.4})
+    # neg_weight of phase 1: with phase 2's 3.5 already there, rejecting whatever is unsure is the easy
+    # way out and the column check is never found (probe 0.60 at step 1400 against 0.955 with 2.0)
+    phase1_neg_weight: float = 2.0
+    # Phase 2 (steps, lr, warmup, lr_min_ratio, fresh_share, fresh_slips): the whole mix at a lower LR
     steps: int = 1800
     batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 100
+    lr: float = 5e-4
+    warmup: int = 20
     weight_decay: float = 0.0
     n_rollout_problems: int = 6000  # draft rollouts (on-policy samples) for training
     rollout_temperature: float = 0.7
@@ -82,13 +97,13 @@ class PRMSpec:
     seed: int = 0
     bf16_autocast: bool = False
     save_dtype: str = "float32"
-    lr_min_ratio: float = 0.1  # cosine decay from lr to lr * lr_min_ratio
-    eval_every: int = 0  # log AUROC on draft T=0.7 steps of eval_problems validation problems (0 = off)
+    lr_min_ratio: float = 0.3  # cosine decay from lr to lr * lr_min_ratio (1.0: constant)
+    eval_every: int = 400  # log AUROC on draft T=0.7 steps of eval_problems validation problems (0 = off)
     eval_problems: int = 200  # drawn from a "prm-val" stream, disjoint from the held-out file
     # Cost-sensitive loss: in RSD a wrongly accepted step derails the solution, a wrongly rejected one
-    # only costs a target step, so a "-" mistake weighs neg_weight times a "+" one. With 2.0 the
-    # reward of 0.7 sits where the unweighted PRM's 0.82 would (precision ~0.96 instead of ~0.93).
-    neg_weight: float = 2.0
+    # only costs a target step, so a "-" mistake weighs neg_weight times a "+" one. 3.5 instead of 2.0
+    # moves the reward of 0.7 to where 2.0's ~0.79 was: precision 0.987 -> ~0.99 at recall ~0.9.
+    neg_weight: float = 3.5
     # Dense supervision: besides the tag, the tokens of an operation step get "+"/"-" labels up to its
     # first wrong token: "+" while the text is a prefix of the right step (given the previous stated
     # value), "-" on the token where it departs (tokens after it are not labelled: whether they are
@@ -100,11 +115,14 @@ class PRMSpec:
     num_layers: int = 4
     # this share of every batch: fresh reference solutions (a "prm-fresh" stream) in which each operation
     # step slips with probability fresh_p_err (perturb.multi_perturbed_solution): endless, dense negatives
-    fresh_share: float = 0.5
+    fresh_share: float = 0.6
     # the PRM's own LM head: with tied embeddings the "+"/"-" reward rows ARE the embeddings of the
     # "+"/"-" tokens that fill the worked columns, and every such token pushes its own reward
     untie_head: bool = True
     fresh_p_err: float = 0.35
+    # shares of the slip kinds in the fresh stream (perturb.SLIPS, more sentence slips: the draft's
+    # commonest, and the check learned last): every error class the draft makes
+    fresh_slips: Dict[str, float] = field(default_factory=lambda: {**SLIPS, "sentence": 0.3, "column": 0.2})
 
 
 @dataclass
@@ -366,6 +384,15 @@ class PRMBatcher:
         self.rng = random.Random(seed)
         self.queue: list[list[int]] = []
 
+    def with_fresh(self, fresh, fresh_share: float) -> "PRMBatcher":
+        """The same fixed examples (encoded once) with another fresh source and share."""
+        b = copy.copy(self)
+        b.fresh = fresh
+        b.n_fresh = int(round((self.bs + self.n_fresh) * fresh_share)) if fresh is not None else 0
+        b.bs = self.bs + self.n_fresh - b.n_fresh
+        b.queue = []
+        return b
+
     def _tok_len(self, i: int) -> int:
         if i not in self._len:
             self._len[i] = len(self.prm.tokenizer.decode([i]))
@@ -444,18 +471,21 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     fresh_rng = random.Random(spec.seed + 7)
     counter = [0]
 
-    def fresh(k: int):
-        out = []
-        for _ in range(k):
-            p = fresh_fn(counter[0])
-            counter[0] += 1
-            out.append(_with_marks(p, multi_perturbed_solution(p, fresh_rng, spec.fresh_p_err)))
-        return out
+    def fresh_source(slips: dict):
+        def fresh(k: int):
+            out = []
+            for _ in range(k):
+                p = fresh_fn(counter[0])
+                counter[0] += 1
+                out.append(_with_marks(p, multi_perturbed_solution(p, fresh_rng, spec.fresh_p_err, dict(slips))))
+            return out
+        return fresh
 
-    batcher = PRMBatcher(prm, examples, spec.batch_size, seed=spec.seed, fresh=fresh if spec.fresh_share else None,
+    batcher = PRMBatcher(prm, examples, spec.batch_size, seed=spec.seed,
+                         fresh=fresh_source(spec.fresh_slips) if spec.fresh_share else None,
                          fresh_share=spec.fresh_share)
 
-    class_weight = torch.tensor([1.0, spec.neg_weight])  # class 0 = "+", class 1 = "-"
+    class_weight = torch.tensor([1.0, spec.neg_weight])  # class 0 = "+", class 1 = "-"; phase 1: set below
     dense_weight = torch.tensor([1.0, spec.dense_neg_weight])
 
     def loss_fn(m, ids, mask, tag_labels, dense_labels):
@@ -468,8 +498,9 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
 
     curve = []
     monitor = None
+    done = [0]  # steps of the earlier phase, so the curve counts from the start
     if spec.eval_every:
-        from .eval import prm_metrics, sample_labelled_steps, score_records
+        from .eval import arithmetic_probe_auroc, prm_metrics, sample_labelled_steps, score_records
 
         exclude = {p.text for p in _held_out(cfg)}
         val_fn = _stream_fn(_problem_cfg(cfg), cfg.seed, "prm-val", exclude)
@@ -477,19 +508,39 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
         val_records = sample_labelled_steps(draft, tok, val, temperature=spec.rollout_temperature, seed=spec.seed + 1)
 
         def monitor(step: int) -> None:
+            step += done[0]
             m = prm_metrics(val_records, score_records(prm, val, val_records), deltas=(0.7,))
             op = m["operating_points"][0]
+            probe = arithmetic_probe_auroc(prm, val, seed=spec.seed)
             curve.append({"step": step, "auroc": m["auroc"], "auroc_by_kind": m["auroc_by_kind"],
-                          "precision@0.7": op["precision"], "recall@0.7": op["recall"]})
+                          "precision@0.7": op["precision"], "recall@0.7": op["recall"], "arithmetic_probe": probe})
             _log(f"prm step {step}: validation AUROC {m['auroc']:.4f} "
                  f"{ {k: round(v, 4) for k, v in m['auroc_by_kind'].items()} } "
-                 f"delta 0.7: precision {op['precision']:.3f} recall {op['recall']:.3f}")
+                 f"delta 0.7: precision {op['precision']:.3f} recall {op['recall']:.3f}, arithmetic probe {probe:.3f}")
 
     torch.manual_seed(spec.seed)
+    phases = []
+    if spec.phase1_steps:
+        _log(f"prm: phase 1, {spec.phase1_steps} steps at lr {spec.phase1_lr} on {spec.phase1_slips}")
+        class_weight[1] = spec.phase1_neg_weight
+        info1 = train_loop(model, batcher.with_fresh(fresh_source(spec.phase1_slips), spec.phase1_fresh_share),
+                           loss_fn, spec.phase1_steps, spec.phase1_lr, warmup=spec.phase1_warmup,
+                           weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
+                           bf16_autocast=spec.bf16_autocast, lr_min_ratio=1.0,
+                           callback=monitor, callback_every=spec.eval_every)
+        phases.append(info1)
+        done[0] = info1["steps"]
+        if monitor:
+            monitor(0)
+        class_weight[1] = spec.neg_weight
+        _log(f"prm: phase 2, {spec.steps} steps at lr {spec.lr}")
     info = train_loop(model, batcher, loss_fn, spec.steps, spec.lr, warmup=spec.warmup,
                       weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
                       bf16_autocast=spec.bf16_autocast, lr_min_ratio=spec.lr_min_ratio,
                       callback=monitor, callback_every=spec.eval_every)
+    phases.append(info)
+    info = {"steps": sum(i["steps"] for i in phases), "minutes": sum(i["minutes"] for i in phases),
+            "final_loss": info["final_loss"]}
     out = Path(cfg.out_dir) / "prm"
     save_model(model, tok, out, dtype=_dtype(spec.save_dtype))
     report = {"role": "prm", "format": "math_shepherd", "initialised_from": spec.init_from,
