@@ -60,7 +60,8 @@ def merge_run(run_dir: Path) -> dict:
     fp, shards_root = run_info["fingerprint"], Path(run_info["shards_dir"])
     n = run_info["identity"]["method"]["n"]
     manifest = read_manifest(shards_root)
-    with ThreadPoolExecutor(1) as pool:  # hashlib lets go of the GIL: results hash while the dataset is written
+    pool = ThreadPoolExecutor(1)  # hashlib lets go of the GIL: results hash while the dataset is written
+    try:
         tables, hashing = _finished_results(run_dir, manifest, fp, pool)
         merged = pa.concat_tables(tables, promote_options="default")
         if not _covers_in_order(tables, shards_root, manifest, n):
@@ -74,6 +75,8 @@ def merge_run(run_dir: Path) -> dict:
                 if digest.result() != want:
                     raise MergeError(f"{final}: its sha256 does not match the one recorded when it was "
                                      f"written. {redo}")
+    finally:
+        pool.shutdown(cancel_futures=True)  # a refusal does not wait for hashes nobody will read
     summary = summarize(merged)
     summary.update({"run_dir": str(run_dir), "fingerprint": fp, "dataset": str(out),
                     "method": run_info["identity"]["method"]["name"],

@@ -215,7 +215,8 @@ def _cut_so_far(direct: Cut, kind: tuple) -> list[_Chunk]:
     files, held = direct.abandon()
     chunks = []
     for path, first, rows in files:
-        schema = pa.ipc.open_file(pa.memory_map(str(path), "r")).schema
+        with pa.memory_map(str(path), "r") as src:
+            schema = pa.ipc.open_file(src).schema
         chunks.append(_Chunk(first, first + rows, rows, schema, set(kind[1]), path=path))
     for t in held:
         first = t["_seq"][0].as_py()
