@@ -5,6 +5,7 @@ Decides nothing about what to generate; the engine and the methods do.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,12 +304,14 @@ def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
 
     The KV budget assumes every sequence in flight (`batch_size`) reaches the context it may use:
     min(max_context, max_new_tokens + 2048 prompt tokens), times the copies the engine can hold at
-    once (HF_KV_COPIES on engine=hf; vLLM holds one) — an upper bound, so a fit is a fit.
+    once (HF_KV_COPIES on engine=hf; vLLM holds one), plus one copy for each sample RSD parks for the
+    target (up to `method.rewrite_share` of the batch, beside it) — an upper bound, so a fit is a fit.
     """
     from transformers import AutoConfig
 
     engine = getattr(cfg, "engine", None)
     copies = 1 if engine is not None and str(engine.name) == "vllm" else HF_KV_COPIES
+    parked = math.ceil(cfg.method.rewrite_share * batch_size) if str(cfg.method.name) == "rsd" else 0
     plan = []
     for role in model_roles(cfg, roles):
         node = cfg.prm if role == "prm" else cfg.model[role]
@@ -330,7 +333,7 @@ def memory_plan(cfg, roles, batch_size: int) -> list[dict]:
         devices = physical_devices(cfg, role)
         plan.append({"role": role, "device": ",".join(devices), "devices": devices,
                      "params": params, "weights_bytes": params * _BYTES.get(dtype, 4),
-                     "kv_bytes": per_token * context * batch_size * copies, "kv_bytes_per_token": per_token,
+                     "kv_bytes": per_token * context * (batch_size * copies + parked), "kv_bytes_per_token": per_token,
                      "kv_copies": copies, "context": context, "max_context": limit,
                      "dtype": str(dtype).replace("torch.", ""),
                      "flops_per_token": cost.forward_flops(1, 0) if cost else None})

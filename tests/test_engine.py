@@ -5,7 +5,7 @@ import torch
 import pytest
 
 from rsd_batch.config import Weighting
-from rsd_batch.engine import SamplingParams, Seq, StepStopper, generate_step, sample_generator, score_steps
+from rsd_batch.engine import SamplingParams, Seq, StepStopper, generate_step, run_rounds, sample_generator, score_steps
 from rsd_batch.methods import Context, Task, get_method
 from rsd_batch.methods.rsd import acceptance_weight
 from rsd_batch.models import load_causal_lm, render_prompt
@@ -124,6 +124,40 @@ def test_cached_steps_and_rewards_equal_recomputation(tiny_models, toy_problems)
             assert abs(full - r) < 1e-5
             s.commit(o.tokens, Step(text, lm.role, r), o.reason, max_steps=5)
     assert sum(len(s.steps) for s in seqs) >= 3 * len(seqs)
+
+
+def test_a_row_far_behind_catches_up_apart_with_the_same_tokens_and_ledger(tiny_models, toy_problems):
+    """A new prompt joining rows that lack one token each: it reads all but its last token in a
+    forward of its own (one padded batch would be mostly padding), then decodes with the others —
+    the same tokens as a forward over the whole sequence, and a ledger as if it had prefilled at once."""
+    import json
+    from rsd_batch.engine.hf import _catch_up
+
+    cfg = make_config(f"model.target.path={tiny_models['target']}")
+    lm = load_causal_lm(cfg.model.target, "target")
+    stopper = StepStopper(lm.tokenizer, "\n\n")
+    problems = [json.loads(line)["problem"] for line in toy_problems.read_text().splitlines()[:4]]
+
+    def new_seq(i):
+        prompt = lm.encode(render_prompt(lm.tokenizer, problems[i], cfg.prompt))
+        return Seq(key=i, problem=problems[i], tokens=prompt, prompt_len=len(prompt), budget=12,
+                   generators={"target": sample_generator(0, str(i), 0, "target")})
+
+    seqs = [new_seq(i) for i in range(3)]
+    for s, o in zip(seqs, generate_step(lm, seqs, SamplingParams(), stopper)):
+        s.extend(o.tokens, "target", False)
+    late = new_seq(3)
+    lengths = [s.cache("target").length for s in seqs]
+    assert [len(s.tokens) - n for s, n in zip(seqs, lengths)] == [1, 1, 1]
+    _catch_up(lm, seqs + [late])
+    assert late.cache("target").length == len(late.tokens) - 1  # all but its last token, apart
+    assert [s.cache("target").length for s in seqs] == lengths  # the others untouched
+    before = [list(s.tokens) for s in seqs + [late]]
+    outs = generate_step(lm, seqs + [late], SamplingParams(), stopper)
+    for s, o, prefix in zip(seqs + [late], outs, before):
+        assert o.tokens == _from_scratch_greedy(lm.model, prefix, stopper, lm.eos_ids, 12 - (len(prefix) - s.prompt_len))
+    t, n = late.ledger.target, late.prompt_len
+    assert t.prefill_tokens == n and t.prefill_flops == lm.cost.forward_flops(n, 0, 1)
 
 
 def test_step_stopper_with_merged_and_split_delimiters(toy_tokenizer):
@@ -296,6 +330,39 @@ def test_kv_held_stays_inside_the_memory_plan(toy_problems):
     assert plan["kv_copies"] == HF_KV_COPIES and plan["devices"] == ["cpu"]
     assert per_token * sum(lengths) < lm.kv_peak_bytes <= per_token * max(lengths) * len(tasks) * HF_KV_COPIES
     assert plan["kv_bytes"] >= per_token * max(lengths) * len(tasks) * HF_KV_COPIES
+
+
+def test_parked_samples_give_their_place_in_the_batch():
+    """run_rounds with `parked` (RSD's samples waiting for the target): the batch the others decode
+    stays full while some wait, every key runs once, and each leaves when it finishes."""
+    waiting: set[int] = set()
+    rounds: list[tuple[list[int], set[int]]] = []
+    age: dict[int, int] = {}
+
+    def start(k):
+        return Seq(key=k, problem="", tokens=[0], prompt_len=1, budget=8, generators={})
+
+    def round_fn(active):
+        rounds.append(([s.key for s in active], set(waiting)))
+        for s in active:
+            age[s.key] = age.get(s.key, 0) + 1
+            if s.key % 3 == 0 and age[s.key] == 1:
+                waiting.add(s.key)  # rejected: parked for the next round
+            elif s.key in waiting and age[s.key] < 3:
+                continue
+            else:
+                waiting.discard(s.key)
+                s.finish("eos")
+
+    done = [s.key for s in run_rounds(range(10), 2, True, start, round_fn, parked=lambda: len(waiting))]
+    assert sorted(done) == list(range(10))
+    assert all(len([k for k in keys if k not in parked]) <= 2 for keys, parked in rounds)
+    assert max(len(keys) for keys, _ in rounds) == 4  # two parked (0 and 3) beside a full batch
+    assert rounds[1][0] == [0, 2, 3]  # 0 waits; 1 finished; 2 and 3 take the places
+    # without parking the batch is the batch: never more than two in flight
+    rounds.clear(), age.clear(), waiting.clear()
+    assert sorted(s.key for s in run_rounds(range(10), 2, True, start, round_fn)) == list(range(10))
+    assert max(len(keys) for keys, _ in rounds) == 2
 
 
 def test_when_the_target_rewrites_changes_no_output(tiny_run_args, tasks):

@@ -55,10 +55,41 @@ def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_ste
     return _decode(lm, seqs, params, stopper, max_steps)
 
 
+CATCH_UP_TOKENS = 8192  # padded tokens per catch-up forward
+
+
+def _catch_up(lm, seqs: list[Seq]) -> None:
+    """Rows far behind (a new prompt, the other model's step) first read all but their last token, in
+    backbone forwards grouped by length, when one batch padded to the longest would more than double
+    the work; the decode then feeds each such row one token. Same tokens, same ledger, less padding."""
+    role = lm.role
+    lengths = [len(s.tokens) - s.cache(role).length for s in seqs]
+    if max(lengths) * len(seqs) <= 2 * sum(lengths):
+        return
+    behind = [i for i, n in enumerate(lengths) if n > 1]
+    backbone = getattr(lm.model, lm.model.base_model_prefix)
+    for group in length_groups([lengths[i] - 1 for i in behind], CATCH_UP_TOKENS):
+        rows = [seqs[behind[g]] for g in group]
+        caches = [s.cache(role) for s in rows]
+        chunks = [s.tokens[c.length:-1] for s, c in zip(rows, caches)]
+        batch = KVBatch(backbone, lm.device, lm.pad_id, caches, chunks)
+        t0 = time.perf_counter()
+        batch.forward_chunk()
+        lm.synchronize()
+        elapsed = time.perf_counter() - t0
+        total = sum(len(c) for c in chunks)
+        for b, (s, c, chunk) in enumerate(zip(rows, caches, chunks)):
+            cost = s.ledger.role(role)
+            cost.add_prefill(lm.cost, len(chunk), c.length, logits=0)  # hidden states only
+            cost.seconds += elapsed * len(chunk) / total
+            s.kv[role] = batch.extract(b)
+
+
 @torch.inference_mode()
 def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int],
             keep_probs: bool = False) -> list[list[StepOut]]:
     role = lm.role
+    _catch_up(lm, seqs)
     batch, out, caches, chunks = _feed_chunks(lm, seqs)
     outs = [[StepOut([], "")] for _ in seqs]
     made = [0] * len(seqs)  # tokens each row has sampled in this call

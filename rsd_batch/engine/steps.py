@@ -235,18 +235,19 @@ def reject_candidate(seq: Seq) -> None:
 
 
 def run_rounds(keys: Iterable[Any], batch_size: int, refill: bool, start: Callable[[Any], Seq],
-               round_fn: Callable[[list[Seq]], None]) -> Iterator[Seq]:
+               round_fn: Callable[[list[Seq]], None], parked: Callable[[], int] = lambda: 0) -> Iterator[Seq]:
     """Keep up to `batch_size` sequences in flight, one round at a time; yield each as it finishes.
 
     With `refill`, a finished sequence's place goes to the next key at once (continuous batching);
-    without, a new batch starts only when the whole previous one is done.
+    without, a new batch starts only when the whole previous one is done. `parked()` sequences (RSD's,
+    waiting for the target) hold no place: the others fill the batch while they wait.
     """
     pending = iter(keys)
     active: list[Seq] = []
     exhausted = False
     while True:
         if not exhausted and (refill or not active):
-            while len(active) < batch_size:
+            while len(active) - parked() < batch_size:
                 key = next(pending, None)
                 if key is None:
                     exhausted = True

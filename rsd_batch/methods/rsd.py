@@ -9,10 +9,11 @@ One round, for every sample in the batch at once:
      decode; the draft step is discarded (its tokens counted as discarded in the ledger).
 A sample finishes at EOS, at max_steps or at max_new_tokens, on its own; its slot goes to the next.
 
-Step 4 waits until enough samples need it (`method.rewrite_share` of those in flight, or all that
-can go on): a rejected sample pauses while the others keep drafting, so the target decodes a few
-large batches instead of a small one every round. A sample's text does not depend on when its
-rewrite runs (its draws come from its own generators), only the wall time does.
+Step 4 waits until enough samples need it (`method.rewrite_share` of the batch size, or none can go
+on without it): a rejected sample is parked and its place in the batch goes to the next sample, so
+the draft and the PRM always work on a full batch and the target decodes a few large batches instead
+of a small one every round. A sample's text does not depend on when its rewrite runs (its draws come
+from its own generators), only the wall time does.
 """
 from __future__ import annotations
 
@@ -67,22 +68,24 @@ def run(tasks, ctx: Context):
                 seq.ledger.draft.discarded_tokens += len(prop.tokens)
                 seq.reject_candidate()  # draft and PRM back to the prefix the target continues
                 waiting[id(seq)] = (seq, text, reward)
-        if not waiting or (len(waiting) < cfg.rewrite_share * len(active) and len(waiting) < len(active)
+        if not waiting or (len(waiting) < cfg.rewrite_share * ctx.batch_size
                            and any(not seq.finish_reason for seq in drafting)):
-            return  # the others go on drafting; the target runs when enough wait
+            return  # the others (and the next samples, in the parked ones' places) go on drafting
         rejected = list(waiting.values())
         waiting.clear()
-        redo = generate_step(target, [seq for seq, _, _ in rejected], params, stopper)
-        for (seq, text, reward), out in zip(rejected, redo):
-            step_text = target.decode(out.tokens)
-            seq.commit(out.tokens, Step(step_text, "target", None, False, text, reward), out.reason,
-                       cfg.max_steps)
-            seq.queue_for_prm(step_text)
+        for at in range(0, len(rejected), ctx.batch_size):  # never more rows than a batch
+            chunk = rejected[at:at + ctx.batch_size]
+            redo = generate_step(target, [seq for seq, _, _ in chunk], params, stopper)
+            for (seq, text, reward), out in zip(chunk, redo):
+                step_text = target.decode(out.tokens)
+                seq.commit(out.tokens, Step(step_text, "target", None, False, text, reward), out.reason,
+                           cfg.max_steps)
+                seq.queue_for_prm(step_text)
 
     def start(task):
         return start_seq(task, ctx, [draft, target])
 
-    for seq in run_rounds(tasks, ctx.batch_size, cfg.refill, start, round_fn):
+    for seq in run_rounds(tasks, ctx.batch_size, cfg.refill, start, round_fn, parked=lambda: len(waiting)):
         seq.ledger.target_only_flops = 0 if seq.error else target_only_flops(target, seq)
         yield to_result(seq, draft)
 

@@ -80,20 +80,24 @@ class MathShepherdPRM(PRMAdapter):
         """The transformer without its LM head: the engine reads hidden states at the tags."""
         return getattr(self.model, self.model.base_model_prefix)
 
-    def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """P("+") / (P("+") + P("-")) from final hidden states at tag positions, [N, d] -> [N]."""
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """("+", "-") logits from final hidden states, [..., d] -> [..., 2] (float32)."""
         if self.head_rows is not None:
             w = self.head_rows.to(hidden.device)
-            return (hidden.float() @ w.float().T).softmax(-1)[:, 0]
+            return hidden.float() @ w.float().T
         head = self.model.get_output_embeddings()  # read at call time: the toy trainer updates it
         w = head.weight[[self.good_id, self.bad_id]]
         logits = hidden.to(w.dtype) @ w.T
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[[self.good_id, self.bad_id]]
-        return logits.float().softmax(-1)[:, 0]
+        return logits.float()
 
-    def tag_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, 2] logits for ("+", "-") at every position (right or left padding)."""
+    def rewards_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P("+") / (P("+") + P("-")) from final hidden states at tag positions, [N, d] -> [N]."""
+        return self.logits_from_hidden(hidden).softmax(-1)[..., 0]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, d] final hidden states at every position (right or left padding)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return out.logits[..., [self.good_id, self.bad_id]].float()
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids).last_hidden_state

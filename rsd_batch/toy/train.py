@@ -69,7 +69,7 @@ class PolicySpec:
 
 @dataclass
 class PRMSpec:
-    init_from: str = "draft"  # draft | target: which trained policy the PRM starts from
+    init_from: str = "draft"  # draft | target: which trained policy the PRM starts from (prm: go on training one)
     # Two phases. Phase 1: constant phase1_lr on mostly fresh solutions whose slips are column and
     # result slips only (phase1_slips): on the full mix under a decaying LR the PRM learns how the
     # draft's slips look and never learns to check the columns (arithmetic probe ~0.6 instead of ~0.96).
@@ -111,6 +111,10 @@ class PRMSpec:
     # teaches the PRM to check each worked column where it is written, the tag to gather those checks.
     dense_weight: float = 1.0
     dense_neg_weight: float = 3.0
+    # Next-token loss on the right tokens of each operation step (those the dense labels mark "+"),
+    # through the input embeddings: the PRM keeps learning to write the quotes it has to check.
+    lm_weight: float = 0.0
+    phase1_lm_weight: float = 0.0
     # 0: the shape of the policy it starts from; more: extra layers on top, initialised as identities
     num_layers: int = 4
     # this share of every batch: fresh reference solutions (a "prm-fresh" stream) in which each operation
@@ -457,7 +461,8 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     tok = _load_tokenizer(cfg)
     draft = _load_causal_lm(Path(cfg.out_dir) / "draft")
     model = _load_causal_lm(Path(cfg.out_dir) / spec.init_from)  # PRM starts from a trained policy
-    if (spec.num_layers and spec.num_layers > model.config.num_hidden_layers) or spec.untie_head:
+    if (spec.num_layers and spec.num_layers > model.config.num_hidden_layers) or (
+            spec.untie_head and model.config.tie_word_embeddings):
         model = _prm_shape(model, max(spec.num_layers, model.config.num_hidden_layers), spec.untie_head,
                            seed=spec.seed)
     prm = MathShepherdPRM(model, tok)
@@ -488,12 +493,21 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     class_weight = torch.tensor([1.0, spec.neg_weight])  # class 0 = "+", class 1 = "-"; phase 1: set below
     dense_weight = torch.tensor([1.0, spec.dense_neg_weight])
 
+    lm_weight = [spec.lm_weight]  # phase 1: set below
+
     def loss_fn(m, ids, mask, tag_labels, dense_labels):
-        logits = prm.tag_logits(ids, mask).reshape(-1, 2)
+        hidden = prm.hidden_states(ids, mask)
+        logits = prm.logits_from_hidden(hidden).reshape(-1, 2)
         loss = F.cross_entropy(logits, tag_labels.reshape(-1), weight=class_weight, ignore_index=-100)
         if spec.dense_weight and (dense_labels >= 0).any():
             loss = loss + spec.dense_weight * F.cross_entropy(logits, dense_labels.reshape(-1), weight=dense_weight,
                                                               ignore_index=-100)
+        if lm_weight[0]:  # go on writing the right steps, through the embeddings (the policy's tied head)
+            targets = torch.where(dense_labels[:, 1:] == 0, ids[:, 1:], -100)
+            if (targets >= 0).any():
+                lm = hidden[:, :-1] @ m.get_input_embeddings().weight.T
+                loss = loss + lm_weight[0] * F.cross_entropy(lm.float().reshape(-1, lm.shape[-1]),
+                                                               targets.reshape(-1), ignore_index=-100)
         return loss
 
     curve = []
@@ -523,6 +537,7 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
     if spec.phase1_steps:
         _log(f"prm: phase 1, {spec.phase1_steps} steps at lr {spec.phase1_lr} on {spec.phase1_slips}")
         class_weight[1] = spec.phase1_neg_weight
+        lm_weight[0] = spec.phase1_lm_weight
         info1 = train_loop(model, batcher.with_fresh(fresh_source(spec.phase1_slips), spec.phase1_fresh_share),
                            loss_fn, spec.phase1_steps, spec.phase1_lr, warmup=spec.phase1_warmup,
                            weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
@@ -533,6 +548,7 @@ def stage_prm(cfg: ToyTrainConfig) -> dict:
         if monitor:
             monitor(0)
         class_weight[1] = spec.neg_weight
+        lm_weight[0] = spec.lm_weight
         _log(f"prm: phase 2, {spec.steps} steps at lr {spec.lr}")
     info = train_loop(model, batcher, loss_fn, spec.steps, spec.lr, warmup=spec.warmup,
                       weight_decay=spec.weight_decay, log=_log, log_every=cfg.log_every,
