@@ -112,9 +112,10 @@ class PRMSpec:
     dense_weight: float = 1.0
     dense_neg_weight: float = 3.0
     # Next-token loss on the right tokens of each operation step (those the dense labels mark "+"),
-    # through the input embeddings: the PRM keeps learning to write the quotes it has to check.
-    lm_weight: float = 0.0
-    phase1_lm_weight: float = 0.0
+    # through the input embeddings: the PRM keeps learning to write the quotes it has to check (held-out
+    # op-step AUROC 0.910 -> 0.936). Weaker in phase 1: at 1.0 the column check is not found (probe 0.78).
+    lm_weight: float = 1.0
+    phase1_lm_weight: float = 0.3
     # 0: the shape of the policy it starts from; more: extra layers on top, initialised as identities
     num_layers: int = 4
     # this share of every batch: fresh reference solutions (a "prm-fresh" stream) in which each operation
