@@ -160,6 +160,30 @@ def test_a_row_far_behind_catches_up_apart_with_the_same_tokens_and_ledger(tiny_
     assert t.prefill_tokens == n and t.prefill_flops == lm.cost.forward_flops(n, 0, 1)
 
 
+def test_rows_leaving_a_decode_move_only_the_rows_past_the_new_end(tiny_models):
+    """Rows 0 and 2 of four leave mid-decode: row 3 fills hole 0 and the cache shrinks in place (same
+    buffer, one row copied); the two left go on with the logits of a forward without a cache."""
+    from transformers import AutoModelForCausalLM
+    from rsd_batch.engine.kv import KVBatch, RowKV
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"]).eval()
+    seqs = [[5 + i, 9, 17 + i, 30, 4][: 2 + i] for i in range(4)]  # 2..5 tokens: left padding differs
+    with torch.inference_mode():
+        batch = KVBatch(model, "cpu", 0, [RowKV() for _ in seqs], seqs)
+        batch.forward_chunk()
+        batch.forward_next([40, 41, 42, 43])
+        seqs = [s + [40 + i] for i, s in enumerate(seqs)]
+        layer = batch.cache.layers[0]
+        buffer = layer.buf_k.data_ptr()
+        order = batch.keep([1, 3])
+        assert order == [3, 1] and batch.rows == [3, 1]
+        assert layer.buf_k.data_ptr() == buffer and layer.keys.shape[0] == 2  # moved, not re-gathered
+        logits = batch.forward_next([50, 51]).logits[:, -1]
+        for b, (row, tok) in enumerate(zip(order, [50, 51])):
+            full = model(input_ids=torch.tensor([seqs[row] + [tok]])).logits[0, -1]
+            assert torch.allclose(logits[b], full, atol=1e-4), row
+
+
 def test_step_stopper_with_merged_and_split_delimiters(toy_tokenizer):
     tok = toy_tokenizer
     stop = StepStopper(tok, "\n\n")

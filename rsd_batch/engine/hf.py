@@ -129,8 +129,7 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
             held = batch.nbytes() + sum(c.nbytes() for c in caches) + sum(s.kv[role].nbytes() for s in seqs)
             lm.kv_peak_bytes = max(lm.kv_peak_bytes, held)
             return outs
-        batch.keep(keep)
-        fed = [tokens[b] for b in keep]
+        fed = [tokens[b] for b in batch.keep(keep)]
         t0 = time.perf_counter()
         out = batch.forward_next(fed)
         lm.synchronize()

@@ -53,6 +53,11 @@ def _growing_layer_class():
             super().lazy_initialization(key_states, value_states)
             self.buf_k = self.buf_v = None
             self.used = 0
+            self.n = key_states.shape[0]  # live rows: the first n of the buffer
+
+        def _views(self) -> None:
+            self.keys = self.buf_k[: self.n, ..., : self.used, :]
+            self.values = self.buf_v[: self.n, ..., : self.used, :]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -60,24 +65,35 @@ def _growing_layer_class():
             new = key_states.shape[-2]
             if self.buf_k is None or self.used + new > self.buf_k.shape[-2]:
                 cap = max(2 * (self.used + new), 64)
-                shape = (*key_states.shape[:-2], cap, key_states.shape[-1])
+                shape = (self.n, *key_states.shape[1:-2], cap, key_states.shape[-1])
                 buf_k, buf_v = key_states.new_empty(shape), value_states.new_empty(shape)
                 if self.used:
-                    buf_k[..., : self.used, :] = self.buf_k[..., : self.used, :]
-                    buf_v[..., : self.used, :] = self.buf_v[..., : self.used, :]
+                    buf_k[..., : self.used, :] = self.buf_k[: self.n, ..., : self.used, :]
+                    buf_v[..., : self.used, :] = self.buf_v[: self.n, ..., : self.used, :]
                 self.buf_k, self.buf_v = buf_k, buf_v
-            self.buf_k[..., self.used: self.used + new, :] = key_states
-            self.buf_v[..., self.used: self.used + new, :] = value_states
+            self.buf_k[: self.n, ..., self.used: self.used + new, :] = key_states
+            self.buf_v[: self.n, ..., self.used: self.used + new, :] = value_states
             self.used += new
-            self.keys = self.buf_k[..., : self.used, :]
-            self.values = self.buf_v[..., : self.used, :]
+            self._views()
             return self.keys, self.values
 
         def batch_select_indices(self, indices) -> None:
-            if self.buf_k is not None:
+            """Keep rows `indices` (in that order). When every row that moves comes from past the
+            new end (KVBatch.keep's fill-the-holes order), move just those rows and shrink the view:
+            a leaving row then costs one row's copy, not the whole batch's."""
+            if self.buf_k is None:
+                return
+            order = indices.tolist()
+            n = len(order)
+            moves = [(j, i) for j, i in enumerate(order) if i != j]
+            if all(i >= n for _, i in moves):
+                for j, i in moves:
+                    self.buf_k[j, ..., : self.used, :] = self.buf_k[i, ..., : self.used, :]
+                    self.buf_v[j, ..., : self.used, :] = self.buf_v[i, ..., : self.used, :]
+            else:
                 self.buf_k, self.buf_v = self.buf_k[indices], self.buf_v[indices]
-                self.keys = self.buf_k[..., : self.used, :]
-                self.values = self.buf_v[..., : self.used, :]
+            self.n = n
+            self._views()
 
     return GrowingLayer
 
@@ -181,14 +197,22 @@ class KVBatch:
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
-    def keep(self, positions: list[int]) -> None:
-        """Keep only these batch positions (others have finished and taken their caches)."""
+    def keep(self, positions: list[int]) -> list[int]:
+        """Keep only these batch positions (others have finished and taken their caches). The rows
+        past the new end fill the holes, so the cache moves only them; returns the kept positions in
+        their new order (what the caller feeds next follows it)."""
         if len(positions) == len(self.rows):
-            return
-        index = torch.tensor(positions, device=self.device)
+            return positions
+        n = len(positions)
+        holes = iter(sorted(set(range(n)) - set(positions)))
+        order = list(range(n))
+        for p in positions:
+            if p >= n:
+                order[next(holes)] = p
+        index = torch.tensor(order, device=self.device)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.next_pos = self.next_pos[index]
-        self.rows = [self.rows[p] for p in positions]
-        self.spans = [self.spans[p] for p in positions]
-
+        self.rows = [self.rows[p] for p in order]
+        self.spans = [self.spans[p] for p in order]
+        return order
