@@ -251,6 +251,31 @@ def test_build_tokenizer_and_random_model(tmp_path):
     assert model(torch.tensor([t2.encode("Ann has 3 coins.")])).logits.shape[-1] == len(t2)
 
 
+def test_world_trained_with_the_target_beside_is_the_world_trained_in_turn(tmp_path):
+    """`parallel=true` trains the target in a process of its own while the draft and the PRM train in
+    this one (one thread each); the folders are the same, byte for byte, as one stage after another."""
+    from safetensors.torch import load_file
+
+    from rsd_batch.toy.train import PolicySpec, PRMSpec, ToyTrainConfig, run
+
+    def world(folder, parallel, threads):
+        tiny = dict(steps=4, eval_every=0, batch_size=4)
+        cfg = ToyTrainConfig(out_dir=str(folder / "toy"), data_dir=str(folder / "data"), threads=threads,
+                             parallel=parallel, stages=["data", "draft", "target", "prm"],
+                             draft=PolicySpec(**tiny), target=PolicySpec(num_layers=1, hidden_size=64, **tiny),
+                             prm=PRMSpec(phase1_steps=2, steps=2, batch_size=10, n_rollout_problems=8,
+                                         n_perturbed=8, n_clean=4, eval_every=0))
+        cfg.eval.n_problems = 10
+        timings = run(cfg)
+        assert {"data", "draft", "target", "prm", "total"} <= set(timings)
+        return {role: load_file(str(folder / "toy" / role / "model.safetensors")) for role in ("draft", "target", "prm")}
+
+    apart, in_turn = world(tmp_path / "a", True, 2), world(tmp_path / "b", False, 1)
+    for role in apart:
+        assert apart[role].keys() == in_turn[role].keys()
+        assert all(torch.equal(apart[role][k], in_turn[role][k]) for k in apart[role]), role
+
+
 # --------------------------------------------------------------------------- shipped models
 
 @pytest.fixture(scope="module")
