@@ -58,6 +58,32 @@ def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_ste
 CATCH_UP_TOKENS = 8192  # padded tokens per catch-up forward
 
 
+def _prefill_groups(owner, backbone, pad_id: int, seqs: list[Seq], chunks: list[list[int]], max_batch_tokens: int,
+                    read=None) -> None:
+    """Each row reads its chunk in backbone forwards (hidden states only), rows grouped by length under
+    a padded-token budget; each is charged a prefill without logits and its share of the time, and
+    keeps its longer cache. `read(batch, hidden, group)` sees a group's output first (the PRM's rewards).
+    `owner` is the loaded model or PRM whose role, cost model and device these are."""
+    role = owner.role
+    for group in length_groups([len(c) for c in chunks], max_batch_tokens):
+        rows = [seqs[i] for i in group]
+        caches = [s.cache(role) for s in rows]
+        batch = KVBatch(backbone, owner.device, pad_id, caches, [chunks[i] for i in group])
+        t0 = time.perf_counter()
+        hidden = batch.forward_chunk().last_hidden_state
+        if read is not None:
+            read(batch, hidden, group)  # ends with .cpu(), which waits for the GPU
+        else:
+            owner.synchronize()
+        elapsed = time.perf_counter() - t0
+        total = sum(len(chunks[i]) for i in group)
+        for b, (i, s, c) in enumerate(zip(group, rows, caches)):
+            cost = s.ledger.role(role)
+            cost.add_prefill(owner.cost, len(chunks[i]), c.length, logits=0)
+            cost.seconds += elapsed * len(chunks[i]) / total
+            s.kv[role] = batch.extract(b)
+
+
 def _catch_up(lm, seqs: list[Seq]) -> None:
     """Rows far behind (a new prompt, the other model's step) first read all but their last token, in
     backbone forwards grouped by length, when one batch padded to the longest would more than double
@@ -66,23 +92,9 @@ def _catch_up(lm, seqs: list[Seq]) -> None:
     lengths = [len(s.tokens) - s.cache(role).length for s in seqs]
     if max(lengths) * len(seqs) <= 2 * sum(lengths):
         return
-    behind = [i for i, n in enumerate(lengths) if n > 1]
-    backbone = getattr(lm.model, lm.model.base_model_prefix)
-    for group in length_groups([lengths[i] - 1 for i in behind], CATCH_UP_TOKENS):
-        rows = [seqs[behind[g]] for g in group]
-        caches = [s.cache(role) for s in rows]
-        chunks = [s.tokens[c.length:-1] for s, c in zip(rows, caches)]
-        batch = KVBatch(backbone, lm.device, lm.pad_id, caches, chunks)
-        t0 = time.perf_counter()
-        batch.forward_chunk()
-        lm.synchronize()
-        elapsed = time.perf_counter() - t0
-        total = sum(len(c) for c in chunks)
-        for b, (s, c, chunk) in enumerate(zip(rows, caches, chunks)):
-            cost = s.ledger.role(role)
-            cost.add_prefill(lm.cost, len(chunk), c.length, logits=0)  # hidden states only
-            cost.seconds += elapsed * len(chunk) / total
-            s.kv[role] = batch.extract(b)
+    behind = [s for s, n in zip(seqs, lengths) if n > 1]
+    _prefill_groups(lm, getattr(lm.model, lm.model.base_model_prefix), lm.pad_id, behind,
+                    [s.tokens[s.cache(role).length:-1] for s in behind], CATCH_UP_TOKENS)
 
 
 @torch.inference_mode()
@@ -162,22 +174,11 @@ def score_steps(prm, seqs: list[Seq], candidates: list[str], max_batch_tokens: i
     holds the candidate too."""
     rows = prm_chunks(prm, seqs, candidates)
     rewards = [0.0] * len(seqs)
-    for group in length_groups([len(ids) for ids, _ in rows], max_batch_tokens):
-        chunks = [rows[i][0] for i in group]
-        batch = KVBatch(prm.adapter.backbone, prm.device, prm.adapter.pad_id, [seqs[i].cache("prm") for i in group],
-                        chunks)
-        t0 = time.perf_counter()
-        hidden = batch.forward_chunk().last_hidden_state
-        picked = torch.stack([hidden[b, batch.width - len(chunks[b]) + rows[i][1]]
-                              for b, i in enumerate(group)])
-        scores = prm.adapter.rewards_from_hidden(picked).float().cpu().tolist()  # .cpu() waits for the GPU
-        elapsed = time.perf_counter() - t0
-        total = sum(len(c) for c in chunks)
-        for b, i in enumerate(group):
-            s = seqs[i]
-            before = s.cache("prm").length
-            s.kv["prm"] = batch.extract(b)
-            s.ledger.prm.add_prefill(prm.cost, len(chunks[b]), before, logits=0)  # hidden states only
-            s.ledger.prm.seconds += elapsed * len(chunks[b]) / total
-            rewards[i] = scores[b]
+
+    def read(batch, hidden, group):
+        picked = torch.stack([hidden[b, batch.width - len(rows[i][0]) + rows[i][1]] for b, i in enumerate(group)])
+        for i, r in zip(group, prm.adapter.rewards_from_hidden(picked).float().cpu().tolist()):
+            rewards[i] = r
+
+    _prefill_groups(prm, prm.adapter.backbone, prm.adapter.pad_id, seqs, [ids for ids, _ in rows], max_batch_tokens, read)
     return rewards
