@@ -194,8 +194,9 @@ class MethodConfig:
     sigmoid_tau: float = 0.1
     prm_batch_tokens: int = 8192  # tokens per PRM forward (rows are grouped by length under it)
     # The target rewrites rejected steps once this share of the samples in flight waits for it (or
-    # none can go on without it); 0: every round. Larger: fewer, larger target batches.
-    rewrite_share: float = 0.5
+    # none can go on without it); 0: every round. Larger: fewer, larger target batches, and more KV
+    # held by parked samples (the memory plan counts them). 1.0 ran the toy world's RSD 9% faster than 0.5.
+    rewrite_share: float = 1.0
     # sd
     speculative_tokens: int = 4  # draft tokens proposed per verification
     # best_of_n, beam_search (search-and-learn's settings)
