@@ -27,10 +27,26 @@ from rsd_batch.runner import load_models  # noqa: E402
 
 POINTS = [("draft_only", []), ("target_only", []),
           *[(f"rsd δ={d}", ["method.name=rsd", f"method.threshold={d}"]) for d in (0.3, 0.5, 0.7, 0.9)],
-          # the target rewriting every round instead of when half the batch waits (method.rewrite_share)
+          # the target rewriting every round instead of when a batch's worth waits (method.rewrite_share)
           ("rsd δ=0.7, rewrite every round", ["method.name=rsd", "method.threshold=0.7", "method.rewrite_share=0"]),
           # the ceiling: the toy checker as the PRM (an upper bound, costs nothing)
-          ("rsd δ=0.7, oracle PRM", ["method.name=rsd", "method.threshold=0.7", "prm=oracle"])]
+          ("rsd δ=0.7, oracle PRM", ["method.name=rsd", "method.threshold=0.7", "prm=oracle"]),
+          # the oracle's verdicts at the learned PRM's cost (it runs, its rewards are dropped): the best
+          # a PRM of the shipped size could do, so PRM quality and PRM cost are told apart
+          ("rsd δ=0.7, oracle verdicts at the PRM's cost", ["method.name=rsd", "method.threshold=0.7", "prm=oracle"])]
+PAID = "rsd δ=0.7, oracle verdicts at the PRM's cost"
+
+
+def paid_oracle(learned, oracle):
+    """A PRM that runs `learned` (its forwards, caches and ledger) and answers with `oracle`'s verdicts."""
+    import dataclasses
+    import types
+
+    def score_steps(prm, seqs, candidates, max_batch_tokens):
+        learned.backend.score_steps(learned, seqs, candidates, max_batch_tokens)
+        return oracle.backend.score_steps(oracle, seqs, candidates, max_batch_tokens)
+
+    return dataclasses.replace(learned, backend=types.SimpleNamespace(score_steps=score_steps))
 
 
 def config(*overrides):
@@ -38,10 +54,11 @@ def config(*overrides):
         return compose("config", overrides=list(overrides))
 
 
-def run_point(overrides, tasks, batch_size, models):
+def run_point(overrides, tasks, batch_size, models, prm=None):
     cfg = config(*overrides, f"run.batch_size={batch_size}")
     method = get_method(cfg.method.name.value)
-    chosen = {r: models["oracle" if r == "prm" and cfg.prm.format == "oracle" else r] for r in method.roles(cfg.method)}
+    prm = prm or ("oracle" if cfg.prm.format == "oracle" else "prm")
+    chosen = {r: models[prm if r == "prm" else r] for r in method.roles(cfg.method)}
     ctx = Context(chosen, cfg.method, cfg.prompt, cfg.run.seed, batch_size)
     t0 = time.perf_counter()
     results = dict(method.run(tasks, ctx))
@@ -61,11 +78,12 @@ def main() -> None:
     gold = dict(zip(table["id"].to_pylist(), table["answer"].to_pylist()))
     models = load_models(base, ("draft", "target", "prm"))
     models["oracle"] = load_models(config(*args.overrides, "prm=oracle"), ("prm",))["prm"]
+    models[PAID] = paid_oracle(models["prm"], models["oracle"])
     rows, outputs = [], {}
     for name, over in POINTS:
         if name in ("draft_only", "target_only"):
             over = [f"method={name}"]
-        res, secs = run_point([*args.overrides, *over], tasks, args.batch_size, models)
+        res, secs = run_point([*args.overrides, *over], tasks, args.batch_size, models, PAID if name == PAID else None)
         outputs[name] = res
         acc = sum(bool(is_correct(extract_answer(r.output), gold[t.id])) for t, r in res.items()) / len(res)
         flops = sum(r.ledger.flops for r in res.values())
