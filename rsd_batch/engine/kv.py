@@ -55,6 +55,16 @@ def _growing_layer_class():
             self.used = 0
             self.n = key_states.shape[0]  # live rows: the first n of the buffer
 
+        @classmethod
+        def holding(cls, buf_k, buf_v, used: int) -> "GrowingLayer":
+            """A layer whose buffers the caller has filled up to `used` (KVBatch gathers the rows'
+            caches straight into them: no second copy)."""
+            layer = cls()
+            layer.device, layer.is_initialized = buf_k.device, True
+            layer.buf_k, layer.buf_v, layer.used, layer.n = buf_k, buf_v, used, buf_k.shape[0]
+            layer._views()
+            return layer
+
         def _views(self) -> None:
             self.keys = self.buf_k[: self.n, ..., : self.used, :]
             self.values = self.buf_v[: self.n, ..., : self.used, :]
@@ -130,20 +140,29 @@ class KVBatch:
         past = max(r.length for r in rows)
         width = max(len(c) for c in chunks)
         self.cache = DynamicCache()
-        if _GROWING is not None and hasattr(self.cache, "layer_class_to_replicate") and not self.cache.layers:
+        growing = _GROWING is not None and hasattr(self.cache, "layer_class_to_replicate") and not self.cache.layers
+        if growing:
             self.cache.layer_class_to_replicate = _GROWING
         if past:
             n_layers = max(len(r.layers) for r in rows if r.length)
+            # Growing layers get the rows gathered straight into their buffers, with the room a
+            # GrowingLayer would leave (the chunk and the decode after it); pads are zeros.
+            room = max(2 * (past + width), 64) if growing else past
             for li in range(n_layers):
                 ref_k, ref_v = next(r.layers[li] for r in rows if r.length)
-                ks = ref_k.new_zeros((n, ref_k.shape[0], past, ref_k.shape[2]))
-                vs = ref_v.new_zeros((n, ref_v.shape[0], past, ref_v.shape[2]))
+                ks = ref_k.new_empty((n, ref_k.shape[0], room, ref_k.shape[2]))
+                vs = ref_v.new_empty((n, ref_v.shape[0], room, ref_v.shape[2]))
                 for b, r in enumerate(rows):
+                    ks[b, :, : past - r.length] = 0
+                    vs[b, :, : past - r.length] = 0
                     if r.length:
                         k, v = r.layers[li]
-                        ks[b, :, past - r.length:] = k
-                        vs[b, :, past - r.length:] = v
-                self.cache.update(ks, vs, li)
+                        ks[b, :, past - r.length: past] = k
+                        vs[b, :, past - r.length: past] = v
+                if growing:
+                    self.cache.layers.append(_GROWING.holding(ks, vs, past))
+                else:
+                    self.cache.update(ks, vs, li)
         mask = torch.zeros((n, past + width), dtype=torch.long)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
