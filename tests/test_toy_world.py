@@ -344,7 +344,7 @@ def prm_metrics_fresh(tok, draft, fresh):
 
 
 def test_prm_separates_draft_steps(prm_metrics_fresh):
-    """Regression floor of the shipped PRM on the draft's own T=0.7 steps (issue 14's bar: the xfail test below)."""
+    """Regression floor of the shipped PRM on the draft's own T=0.7 steps (issue 14's bar: the test below)."""
     m = prm_metrics_fresh
     assert m["n_by_kind"]["op"]["incorrect"] >= 15  # the sample has real negatives
     assert m["auroc"] >= 0.75, m
@@ -353,9 +353,6 @@ def test_prm_separates_draft_steps(prm_metrics_fresh):
     assert op["delta"] == 0.7 and op["precision"] >= 0.97, op
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 bar not reached: at delta 0.7 the toy PRM has precision ~0.993 and "
-                                        "recall ~0.93, but operation-step AUROC ~0.94 (it checks results, most "
-                                        "columns and most quoted operands, not all)")
 def test_prm_meets_issue_bar(prm_metrics_fresh):
     """Issue 14: at delta 0.7 precision >= 0.99 and recall >= 0.9; AUROC >= 0.97 on the operation steps."""
     m = prm_metrics_fresh

@@ -74,7 +74,7 @@ class PRMSpec:
     # result slips only (phase1_slips): on the full mix under a decaying LR the PRM learns how the
     # draft's slips look and never learns to check the columns (arithmetic probe ~0.6 instead of ~0.96).
     # (Sentence slips in phase 1 too: the result check is learned worse, the sentence check no better.)
-    phase1_steps: int = 1400
+    phase1_steps: int = 2400
     phase1_lr: float = 1e-3
     phase1_warmup: int = 100
     phase1_fresh_share: float = 0.9
@@ -83,7 +83,7 @@ class PRMSpec:
     # way out and the column check is never found (probe 0.60 at step 1400 against 0.955 with 2.0)
     phase1_neg_weight: float = 2.0
     # Phase 2 (steps, lr, warmup, lr_min_ratio, fresh_share, fresh_slips): the whole mix at a lower LR
-    steps: int = 1800
+    steps: int = 3600
     batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 20
@@ -98,7 +98,7 @@ class PRMSpec:
     bf16_autocast: bool = False
     save_dtype: str = "float32"
     lr_min_ratio: float = 0.3  # cosine decay from lr to lr * lr_min_ratio (1.0: constant)
-    eval_every: int = 400  # log AUROC on draft T=0.7 steps of eval_problems validation problems (0 = off)
+    eval_every: int = 800  # log AUROC on draft T=0.7 steps of eval_problems validation problems (0 = off)
     eval_problems: int = 200  # drawn from a "prm-val" stream, disjoint from the held-out file
     # Cost-sensitive loss: in RSD a wrongly accepted step derails the solution, a wrongly rejected one
     # only costs a target step, so a "-" mistake weighs neg_weight times a "+" one. 3.5 instead of 2.0
