@@ -405,3 +405,45 @@ def test_when_the_target_rewrites_changes_no_output(tiny_run_args, tasks):
             assert all(abs((x.reward or 0) - (y.reward or 0)) < 1e-5 for x, y in zip(a.steps, b.steps))
             assert a.ledger.target.generated_tokens == b.ledger.target.generated_tokens
     assert any(s.source == "target" for r in runs[0].values() for s in r.steps)
+
+
+def test_drafting_ahead_changes_no_output_and_saves_draft_forwards(tiny_run_args, tasks, monkeypatch):
+    """method.draft_ahead: a draft row whose step ends early begins its next one while the others
+    finish theirs; that step is kept if the PRM accepts the one before, else dropped with its random
+    draws. Sampled outputs, steps and rewards are those of a run without it; the draft decodes in
+    fewer forwards, and what it wrote ahead and dropped is charged as generated and discarded."""
+    from rsd_batch.engine import hf
+    from rsd_batch.engine.kv import KVBatch
+
+    forwards, role = {}, [None]
+    decode, forward_next = hf._decode, KVBatch.forward_next
+
+    def decode_as(lm, *a, **kw):
+        role[0] = lm.role
+        return decode(lm, *a, **kw)
+
+    def counted(self, tokens, **kw):
+        forwards[role[0]] = forwards.get(role[0], 0) + 1
+        return forward_next(self, tokens, **kw)
+
+    monkeypatch.setattr(hf, "_decode", decode_as)
+    monkeypatch.setattr(KVBatch, "forward_next", counted)
+    args = [*tiny_run_args, *SAMPLED, "method.name=rsd", "method.weighting=linear", "run.batch_size=8"]
+    runs, counts = {}, {}
+    for ahead in (False, True):
+        forwards.clear()
+        runs[ahead] = run_method(args, f"method.draft_ahead={str(ahead).lower()}", tasks=tasks)
+        counts[ahead] = forwards.get("draft", 0)
+    began_ahead = 0
+    for k, a in runs[False].items():
+        b = runs[True][k]
+        assert a.output == b.output and [(s.text, s.source, s.accepted) for s in a.steps] == \
+            [(s.text, s.source, s.accepted) for s in b.steps]
+        assert all(abs((x.reward or 0) - (y.reward or 0)) < 1e-5 for x, y in zip(a.steps, b.steps))
+        assert a.ledger.target.generated_tokens == b.ledger.target.generated_tokens
+        kept = lambda led: led.draft.generated_tokens - led.draft.discarded_tokens  # noqa: E731
+        assert kept(a.ledger) == kept(b.ledger)
+        began_ahead += b.ledger.draft.generated_tokens - a.ledger.draft.generated_tokens
+    assert any(s.source == "target" for r in runs[True].values() for s in r.steps)  # rejections dropped some
+    assert began_ahead > 0  # ... and those tokens are charged
+    assert counts[True] < counts[False]

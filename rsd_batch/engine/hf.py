@@ -13,7 +13,7 @@ import torch
 
 from .kv import KVBatch
 from .sampling import SamplingParams, distribution, draw, sample_next
-from .steps import Seq, StepOut, length_groups, prm_chunks
+from .steps import Ahead, Seq, StepOut, length_groups, prm_chunks
 
 
 def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, logits_to_keep: int = 1):
@@ -24,7 +24,7 @@ def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, l
     """
     role = lm.role
     caches = [s.cache(role) for s in seqs]
-    chunks = [s.tokens[c.length:] + (extra[i] if extra else []) for i, (s, c) in enumerate(zip(seqs, caches))]
+    chunks = [s.context(role)[c.length:] + (extra[i] if extra else []) for i, (s, c) in enumerate(zip(seqs, caches))]
     batch = KVBatch(lm.model, lm.device, lm.pad_id, caches, chunks)
     t0 = time.perf_counter()
     out = batch.forward_chunk(logits_to_keep=logits_to_keep)
@@ -41,11 +41,12 @@ def _feed_chunks(lm, seqs: list[Seq], extra: Optional[list[list[int]]] = None, l
     return batch, out, caches, chunks
 
 
-def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
-                  ) -> list[StepOut]:
+def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False,
+                  ahead: Optional[list[bool]] = None) -> list[StepOut]:
     """Every row first feeds the tokens its cache lacks (its chunk); rows then sample until their own
-    step ends, EOS or their budget, and leave the batch with their cache."""
-    return [steps[0] for steps in _decode(lm, seqs, params, stopper, [1] * len(seqs), keep_probs)]
+    step ends, EOS or their budget, and leave the batch with their cache. A row allowed `ahead` goes
+    on into its next step until the last row's step ends; that step is kept as `seq.ahead`."""
+    return [steps[0] for steps in _decode(lm, seqs, params, stopper, [1] * len(seqs), keep_probs, ahead)]
 
 
 def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int]
@@ -55,7 +56,11 @@ def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_ste
     return _decode(lm, seqs, params, stopper, max_steps)
 
 
-CATCH_UP_TOKENS = 8192  # padded tokens per catch-up forward
+# Rows far behind read apart, by length, when one padded batch would waste more than CATCH_UP_WASTE of
+# the work, CATCH_UP_TOKENS padded tokens per forward: the target's prefill is compute-bound, so
+# padding costs time (1.1 / 1024 instead of 2.0 / 8192: the toy world's target 2.15 -> 1.75 s in RSD).
+CATCH_UP_WASTE = 1.1
+CATCH_UP_TOKENS = 1024
 
 
 def _prefill_groups(owner, backbone, pad_id: int, seqs: list[Seq], chunks: list[list[int]], max_batch_tokens: int,
@@ -86,29 +91,75 @@ def _prefill_groups(owner, backbone, pad_id: int, seqs: list[Seq], chunks: list[
 
 def _catch_up(lm, seqs: list[Seq]) -> None:
     """Rows far behind (a new prompt, the other model's step) first read all but their last token, in
-    backbone forwards grouped by length, when one batch padded to the longest would more than double
-    the work; the decode then feeds each such row one token. Same tokens, same ledger, less padding."""
+    backbone forwards grouped by length, when one batch padded to the longest would do more than
+    CATCH_UP_WASTE times the work; the decode then feeds each such row one token. Same tokens, same
+    ledger, less padding."""
     role = lm.role
-    lengths = [len(s.tokens) - s.cache(role).length for s in seqs]
-    if max(lengths) * len(seqs) <= 2 * sum(lengths):
+    lengths = [len(s.context(role)) - s.cache(role).length for s in seqs]
+    if max(lengths) * len(seqs) <= CATCH_UP_WASTE * sum(lengths):
         return
     behind = [s for s, n in zip(seqs, lengths) if n > 1]
     _prefill_groups(lm, getattr(lm.model, lm.model.base_model_prefix), lm.pad_id, behind,
-                    [s.tokens[s.cache(role).length:-1] for s in behind], CATCH_UP_TOKENS)
+                    [s.context(role)[s.cache(role).length:-1] for s in behind], CATCH_UP_TOKENS)
 
 
 @torch.inference_mode()
 def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int],
-            keep_probs: bool = False) -> list[list[StepOut]]:
+            keep_probs: bool = False, ahead: Optional[list[bool]] = None) -> list[list[StepOut]]:
+    """Row i writes `max_steps[i]` steps (fewer at EOS or its budget), starting from the step it
+    began ahead in an earlier call, if any. With `ahead[i]` it may then begin one more step while other
+    rows finish theirs: the call returns once no row has a step it was asked for left to write."""
     role = lm.role
-    _catch_up(lm, seqs)
-    batch, out, caches, chunks = _feed_chunks(lm, seqs)
-    outs = [[StepOut([], "")] for _ in seqs]
+    extra = [1 if ahead and ahead[i] else 0 for i in range(len(seqs))]
+    outs, rng, pre = [], [None] * len(seqs), []
+    for s in seqs:  # a step begun ahead is where the row starts (and no longer ahead)
+        a = s.ahead if s.ahead is not None and s.ahead.role == role else None
+        outs.append([StepOut(list(a.step.tokens), a.step.reason)] if a else [StepOut([], "")])
+        pre.append(len(a.step.tokens) if a else 0)
     made = [0] * len(seqs)  # tokens each row has sampled in this call
+
+    def goes_on(i: int) -> bool:
+        """After a token: does row i stay in the batch (and open a new step if its step just ended)?"""
+        s, o = seqs[i], outs[i][-1]
+        if o.reason in ("eos", "budget") or made[i] + pre[i] >= s.left:
+            return False
+        if not o.reason:
+            return True
+        if len(outs[i]) >= max_steps[i] + extra[i]:
+            return False
+        if len(outs[i]) == max_steps[i]:  # the step past the asked ones: it can be taken back
+            rng[i] = s.generators[role].get_state()
+        outs[i].append(StepOut([], ""))
+        return True
+
+    def asked(i: int) -> bool:
+        """Row i still has a step it was asked for to write."""
+        return len(outs[i]) < max_steps[i] or (len(outs[i]) == max_steps[i] and not outs[i][-1].reason)
+
+    def finish() -> list[list[StepOut]]:
+        for i, s in enumerate(seqs):
+            if s.ahead is not None and s.ahead.role == role:
+                s.ahead = None  # taken over by outs[i]
+            if len(outs[i]) > max_steps[i]:
+                step = outs[i].pop()
+                if step.tokens:
+                    s.ahead = Ahead(role, step, rng[i])
+        return outs
+
+    # rows whose step begun ahead is complete and that may not go on need no forward
+    rows = [i for i, s in enumerate(seqs) if not outs[i][0].reason or goes_on(i)]
+    if not any(asked(i) for i in rows):
+        for i in rows:  # went on for nothing: nothing sampled, no step to keep
+            if not outs[i][-1].tokens and len(outs[i]) > 1:
+                outs[i].pop()
+        return finish()
+    sub = [seqs[i] for i in rows]
+    _catch_up(lm, sub)
+    batch, out, caches, chunks = _feed_chunks(lm, sub)
     vocab = lm.vocab_limit  # ids every model sharing the sequence can embed: never sample past them
     logits = out.logits[:, -1, :vocab]
     while True:
-        live = batch.rows
+        live = [rows[r] for r in batch.rows]
         if keep_probs:
             probs = distribution(logits, params)
             tokens = [draw(probs[b], seqs[i].generators[role]) if not params.greedy else int(probs[b].argmax())
@@ -127,30 +178,34 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
                 o.reason = "eos"
             elif stopper.done(o.tokens):
                 o.reason = "step"
-            elif made[i] >= s.left:
+            elif made[i] + pre[i] >= s.left:
                 o.reason = "budget"
-            if o.reason in ("eos", "budget") or made[i] >= s.left or len(outs[i]) >= max_steps[i] and o.reason:
-                s.kv[role] = batch.extract(b)
-            else:
-                if o.reason:  # a step ended: the row goes on with the next one
-                    outs[i].append(StepOut([], ""))
+            if goes_on(i):
                 keep.append(b)
-        if not keep:
+            else:
+                s.kv[role] = batch.extract(b)
+        if not any(asked(live[b]) for b in keep):
+            for b in keep:  # rows drafting ahead leave too, with what they have written so far
+                i = live[b]
+                seqs[i].kv[role] = batch.extract(b)
+                if not outs[i][-1].tokens:  # its step had just ended: nothing begun yet
+                    outs[i].pop()
             # What this step held at its peak: the batch's cache, the rows' caches it was gathered
             # from, and the caches extracted from it (the memory plan's HF_KV_COPIES bounds this).
-            held = batch.nbytes() + sum(c.nbytes() for c in caches) + sum(s.kv[role].nbytes() for s in seqs)
+            held = batch.nbytes() + sum(c.nbytes() for c in caches) + sum(s.kv[role].nbytes() for s in sub)
             lm.kv_peak_bytes = max(lm.kv_peak_bytes, held)
-            return outs
+            return finish()
         fed = [tokens[b] for b in batch.keep(keep)]
         t0 = time.perf_counter()
         out = batch.forward_next(fed)
         lm.synchronize()
         share = (time.perf_counter() - t0) / len(keep)
         logits = out.logits[:, -1, :vocab]
-        for i in batch.rows:
+        for r in batch.rows:
+            i = rows[r]
             cost = seqs[i].ledger.role(role)
             # The token just fed attends to the cache it found plus itself.
-            cost.add_decode(lm.cost, caches[i].length + len(chunks[i]) + made[i] - 1)
+            cost.add_decode(lm.cost, caches[r].length + len(chunks[r]) + made[i] - 1)
             cost.seconds += share
 
 

@@ -37,6 +37,7 @@ class Seq:
     steps: list = field(default_factory=list)  # committed methods.Step records
     prm_pending: list[str] = field(default_factory=list)  # committed steps the PRM has not read
     prm_committed: int = 0  # PRM cache length before the step it scored last
+    ahead: Optional["Ahead"] = None  # a step a model began past its last one (generate_step's `ahead`)
     finish_reason: Optional[str] = None
     started: float = field(default_factory=time.perf_counter)
     finished_at: float = 0.0
@@ -52,6 +53,22 @@ class Seq:
 
     def cache(self, role: str) -> RowKV:
         return self.kv.setdefault(role, RowKV())
+
+    def context(self, role: str) -> list[int]:
+        """What `role` goes on from: the committed tokens, then the step it began ahead, if any."""
+        if self.ahead is not None and self.ahead.role == role:
+            return self.tokens + self.ahead.step.tokens
+        return self.tokens
+
+    def drop_ahead(self) -> None:
+        """Forget the step begun ahead (its prefix was rejected, or the sample is done): its tokens
+        count as discarded, and its model's generator goes back to where that step began, so the
+        sample draws exactly what it would have drawn without it."""
+        a, self.ahead = self.ahead, None
+        if a is not None:
+            self.ledger.role(a.role).discarded_tokens += len(a.step.tokens)
+            if a.rng is not None:
+                self.generators[a.role].set_state(a.rng)
 
     def extend(self, tokens: list[int], writer: str, eos: bool) -> None:
         """Append tokens written by `writer`; finish at EOS or when the token budget is spent."""
@@ -75,7 +92,9 @@ class Seq:
 
     def reject_candidate(self) -> None:
         """Take back the draft step just scored: the draft's cache returns to the committed prefix,
-        the PRM's to before the candidate (the target rewrites that step)."""
+        the PRM's to before the candidate (the target rewrites that step); a step the draft began
+        after the candidate is dropped."""
+        self.drop_ahead()
         self.rewind("draft", len(self.tokens))
         self.rewind("prm", self.prm_committed)
 
@@ -84,6 +103,7 @@ class Seq:
         self.prm_pending.append(text)
 
     def finish(self, reason: str) -> None:
+        self.drop_ahead()
         self.finish_reason = reason
         self.finished_at = time.perf_counter()
 
@@ -103,6 +123,15 @@ class StepOut:
     tokens: list[int]
     reason: str  # step (delimiter seen) | eos | budget
     probs: list = field(default_factory=list)  # with keep_probs: the distribution of each token
+
+
+@dataclass
+class Ahead:
+    """A step `role` began past the one it was asked for (complete or not): the start of its next."""
+
+    role: str
+    step: StepOut
+    rng: Optional[torch.Tensor]  # the role's generator state where the step began (to take it back)
 
 
 def stopper_for(tokenizer, cfg):
@@ -151,12 +180,17 @@ def _tokens_with_any(tokenizer, chars: frozenset) -> frozenset:
 # engine/vllm.py); the methods' round logic is the same whichever engine serves it.
 
 
-def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
-                  ) -> list[StepOut]:
+def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False,
+                  ahead: Optional[list[bool]] = None) -> list[StepOut]:
     """Each sequence's next step from model `lm` (role `lm.role`), in one batched decode: a row
     stops on its own at its step's end (`stopper`), EOS or its token budget. With `keep_probs` each
-    sampled token's distribution is kept (speculative sampling)."""
-    return lm.backend.generate_step(lm, seqs, params, stopper, keep_probs) if seqs else []
+    sampled token's distribution is kept (speculative sampling).
+
+    `ahead[i]`: row i, once its step has ended, may begin its next one while the other rows finish
+    theirs (engine=hf; vllm ignores it). What it wrote is kept as `seq.ahead`, which the next call
+    for `lm` goes on from; `Seq.drop_ahead` takes it back with its random draws. A sample's tokens
+    therefore do not depend on it, only the number of forwards does."""
+    return lm.backend.generate_step(lm, seqs, params, stopper, keep_probs, ahead) if seqs else []
 
 
 def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: list[int]

@@ -271,8 +271,9 @@ def generate_steps(lm, seqs: list[Seq], params: SamplingParams, stopper, max_ste
     return result
 
 
-def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False
-                  ) -> list[StepOut]:
+def generate_step(lm, seqs: list[Seq], params: SamplingParams, stopper, keep_probs: bool = False,
+                  ahead=None) -> list[StepOut]:
+    # `ahead` is not used: vLLM batches the requests continuously, a short step never waits for a long one
     if keep_probs and not params.greedy:
         raise ValueError("engine=vllm gives no full next-token distributions, which sampled token-level "
                          "speculative decoding (method=sd with temperature > 0) needs; use engine=hf, or "

@@ -1,7 +1,8 @@
 """Reward-Guided Speculative Decoding (Liao et al., ICML 2025, arXiv 2501.19324), step-batched.
 
 One round, for every sample in the batch at once:
-  1. the draft proposes the next step (up to the step delimiter) — one batched decode;
+  1. the draft proposes the next step (up to the step delimiter) — one batched decode, in which a row
+     whose step ends early begins its next one (`method.draft_ahead`), kept only if this one is;
   2. the PRM scores prefix + step — batched forwards over only the tokens it has not read;
   3. the step is kept with probability ω(reward); a non-binary ω draws its uniform from the sample's
      own "accept" generator;
@@ -53,7 +54,9 @@ def run(tasks, ctx: Context):
 
     def round_fn(active):
         drafting = [seq for seq in active if id(seq) not in waiting]
-        proposals = generate_step(draft, drafting, params, stopper)
+        # a row whose step ends early drafts its next one while the round's longest step finishes
+        ahead = [cfg.draft_ahead and len(seq.steps) + 1 < cfg.max_steps for seq in drafting]
+        proposals = generate_step(draft, drafting, params, stopper, ahead=ahead)
         texts = [draft.decode(p.tokens) for p in proposals]
         rewards = score_steps(prm, drafting, texts, cfg.prm_batch_tokens)
         for seq, prop, text, reward in zip(drafting, proposals, texts, rewards):
