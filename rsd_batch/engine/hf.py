@@ -117,11 +117,13 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
         outs.append([StepOut(list(a.step.tokens), a.step.reason)] if a else [StepOut([], "")])
         pre.append(len(a.step.tokens) if a else 0)
     made = [0] * len(seqs)  # tokens each row has sampled in this call
+    room = [s.left - p for s, p in zip(seqs, pre)]  # tokens each row may still sample
+    costs = [s.ledger.role(role) for s in seqs]
 
     def goes_on(i: int) -> bool:
         """After a token: does row i stay in the batch (and open a new step if its step just ended)?"""
         s, o = seqs[i], outs[i][-1]
-        if o.reason in ("eos", "budget") or made[i] + pre[i] >= s.left:
+        if o.reason in ("eos", "budget") or made[i] >= room[i]:
             return False
         if not o.reason:
             return True
@@ -153,6 +155,7 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
             if not outs[i][-1].tokens and len(outs[i]) > 1:
                 outs[i].pop()
         return finish()
+    asking = {i for i in rows if asked(i)}  # the call lasts while a row has an asked step left
     sub = [seqs[i] for i in rows]
     _catch_up(lm, sub)
     batch, out, caches, chunks = _feed_chunks(lm, sub)
@@ -173,18 +176,21 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
             made[i] += 1
             if keep_probs:
                 o.probs.append(probs[b])
-            s.ledger.role(role).generated_tokens += 1
+            costs[i].generated_tokens += 1
             if tok in lm.eos_ids:
                 o.reason = "eos"
             elif stopper.done(o.tokens):
                 o.reason = "step"
-            elif made[i] + pre[i] >= s.left:
+            elif made[i] >= room[i]:
                 o.reason = "budget"
             if goes_on(i):
                 keep.append(b)
             else:
                 s.kv[role] = batch.extract(b)
-        if not any(asked(live[b]) for b in keep):
+                asking.discard(i)
+            if o.reason and i in asking and not asked(i):
+                asking.discard(i)
+        if not asking:
             for b in keep:  # rows drafting ahead leave too, with what they have written so far
                 i = live[b]
                 seqs[i].kv[role] = batch.extract(b)
@@ -203,10 +209,9 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
         logits = out.logits[:, -1, :vocab]
         for r in batch.rows:
             i = rows[r]
-            cost = seqs[i].ledger.role(role)
             # The token just fed attends to the cache it found plus itself.
-            cost.add_decode(lm.cost, caches[r].length + len(chunks[r]) + made[i] - 1)
-            cost.seconds += share
+            costs[i].add_decode(lm.cost, caches[r].length + len(chunks[r]) + made[i] - 1)
+            costs[i].seconds += share
 
 
 @torch.inference_mode()
