@@ -178,10 +178,24 @@ def test_rows_leaving_a_decode_move_only_the_rows_past_the_new_end(tiny_models):
         order = batch.keep([1, 3])
         assert order == [3, 1] and batch.rows == [3, 1]
         assert layer.buf_k.data_ptr() == buffer and layer.keys.shape[0] == 2  # moved, not re-gathered
+        assert batch.own_mask  # the decode hands the model its 4D mask: checked against no cache at all
         logits = batch.forward_next([50, 51]).logits[:, -1]
         for b, (row, tok) in enumerate(zip(order, [50, 51])):
             full = model(input_ids=torch.tensor([seqs[row] + [tok]])).logits[0, -1]
             assert torch.allclose(logits[b], full, atol=1e-4), row
+
+
+def test_a_model_with_a_sliding_window_or_eager_attention_gets_transformers_masks(tiny_models):
+    """The decode builds its own 4D mask only where transformers would build the same one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from rsd_batch.engine.kv import own_mask
+
+    assert own_mask(AutoModelForCausalLM.from_pretrained(tiny_models["target"]))
+    assert not own_mask(AutoModelForCausalLM.from_pretrained(tiny_models["target"], attn_implementation="eager"))
+    cfg = AutoConfig.from_pretrained(tiny_models["target"])
+    cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 4, 0
+    cfg.layer_types = ["sliding_attention"] * cfg.num_hidden_layers
+    assert not own_mask(AutoModelForCausalLM.from_config(cfg))
 
 
 def test_step_stopper_with_merged_and_split_delimiters(toy_tokenizer):
