@@ -12,6 +12,7 @@ Because a sample's PRM input is always the concatenation of these segments, scor
 """
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -104,11 +105,17 @@ def encode_after(tokenizer, context: str, text: str) -> list[int]:
     after the common prefix are taken.
     """
     both = tokenizer.encode(context + text, add_special_tokens=False)
-    head = tokenizer.encode(context, add_special_tokens=False)
+    head = _encoded(tokenizer, context)
     n = 0
     while n < min(len(both), len(head)) and both[n] == head[n]:
         n += 1
     return both[n:]
+
+
+@functools.lru_cache(maxsize=4096)
+def _encoded(tokenizer, text: str) -> tuple[int, ...]:
+    """`text`'s tokens, remembered: a PRM encodes the same contexts (a problem, a tag line) at every step."""
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 def without_delimiter(step: str, delimiter: str = "\n\n") -> str:
