@@ -1,12 +1,14 @@
 """Methods on the toy world, in one run: accuracy, FLOPs, wall time, acceptance; batched vs one by one.
 
-    python benchmarks/bench_methods.py [--limit 500] [--batch-size 64] [--loop-limit 64]
+    python benchmarks/bench_methods.py [--limit 500] [--batch-size 64] [--loop-limit 64] [--repeats 3]
 
 Every method decodes the same held-out problems (conf/dataset/toy_arith) with the shipped toy models,
 greedy, in this process; ratios are against target_only measured in the same run. Then RSD at the
 paper's δ=0.7 runs step-batched (batch 64) and as a per-problem loop (batch 1) over the first
-`loop-limit` problems: same outputs, and the speed-up. Last, tokens processed per role divided by
-the final tokens (prompt + output for the policies; the formatted problem + final steps for the PRM).
+`loop-limit` problems: same outputs, and the speed-up. Then target_only and RSD δ=0.7 again, in turn,
+`repeats` times: the wall-time ratio of each pair and their median (one run's wall time moves by
+about ±1 s here). Last, tokens processed per role divided by the final tokens (prompt + output for
+the policies; the formatted problem + final steps for the PRM).
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--loop-limit", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. model.target.path=...")
     args = ap.parse_args()
     base = config(*args.overrides)
@@ -108,6 +111,17 @@ def main() -> None:
     same = sum(batched[t].output == loop[t].output for t in loop_tasks)
     print(f"\nRSD δ=0.7 on {len(loop_tasks)} problems: step-batched (batch {args.batch_size}) {t_batched:.1f} s, "
           f"per-problem loop {t_loop:.1f} s -> {t_loop / t_batched:.1f}× ; identical outputs {same}/{len(loop_tasks)}")
+
+    pairs = []
+    for _ in range(args.repeats):
+        (_, t_target), (_, t_rsd) = (run_point([*args.overrides, *o], tasks, args.batch_size, models)
+                                     for o in (["method=target_only"], over))
+        pairs.append((t_target, t_rsd))
+    if pairs:
+        ratios = sorted(t / r for t, r in pairs)
+        print(f"\ntarget_only / RSD δ=0.7 wall, in turn {len(pairs)}×: "
+              + ", ".join(f"{t:.1f} s / {r:.1f} s = {t / r:.2f}×" for t, r in pairs)
+              + f"; median {ratios[len(ratios) // 2]:.2f}×")
 
     res = outputs["rsd δ=0.7"]
     prm = models["prm"]
