@@ -98,8 +98,9 @@ def _disambiguate(points: list[dict]) -> None:
         keys = sorted(k for k in set().union(*flats) if k != "shards"
                       and len({repr(f.get(k)) for f in flats}) > 1)
         # A model whose format differs is told by its format alone (prm.format=oracle), not its path and dtype.
+        # (Its other keys may lie deeper: models.prm.content.files.<file> is the hash of each file.)
         keys = [k for k in keys if k.endswith(".format")
-                or not (k.startswith("models.") and f"{k.rsplit('.', 1)[0]}.format" in keys)]
+                or not (k.startswith("models.") and ".".join(k.split(".")[:2]) + ".format" in keys)]
         for p, f in zip(same, flats):
             extra = ", ".join(f"{k.split('.', 1)[-1] if k.startswith(('method.', 'models.')) else k}={f.get(k)}"
                               for k in keys[:3])

@@ -256,3 +256,20 @@ def test_mcnemar_matches_scipy(a, b):
 
     assert mcnemar_p(a, b) == pytest.approx(binomtest(min(a, b), a + b, 0.5).pvalue if a + b else 1.0)
     assert mcnemar_p(a, b) == mcnemar_p(b, a)
+
+
+def test_runs_told_apart_by_a_model_format_not_its_file_hashes():
+    """Two RSD δ=0.7 runs, one with the learned PRM and one with the oracle: the report names them by
+    prm.format, however deep the PRM's other identity keys lie (the hash of each of its files)."""
+    from rsd_batch.report import _disambiguate
+
+    def point(fmt, files):
+        return {"label": "rsd δ=0.7", "run_dir": f"runs/x/{fmt}",
+                "identity": {"method": {"name": "rsd", "threshold": 0.7},
+                             "models": {"prm": {"format": fmt, "path": None if fmt == "oracle" else "models/toy/prm",
+                                                "content": {"files": files}}}}}
+
+    points = [point("math_shepherd", {"config.json": "591f", "model.safetensors": "e8ca"}),
+              point("oracle", {"config.json": None, "model.safetensors": None})]
+    _disambiguate(points)
+    assert [p["label"] for p in points] == ["rsd δ=0.7 (prm.format=math_shepherd)", "rsd δ=0.7 (prm.format=oracle)"]
