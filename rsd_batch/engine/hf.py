@@ -113,7 +113,7 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
     extra = [1 if ahead and ahead[i] else 0 for i in range(len(seqs))]
     outs, rng, pre = [], [None] * len(seqs), []
     for s in seqs:  # a step begun ahead is where the row starts (and no longer ahead)
-        a = s.ahead if s.ahead is not None and s.ahead.role == role else None
+        a = s.ahead_of(role)
         outs.append([StepOut(list(a.step.tokens), a.step.reason)] if a else [StepOut([], "")])
         pre.append(len(a.step.tokens) if a else 0)
     made = [0] * len(seqs)  # tokens each row has sampled in this call
@@ -140,7 +140,7 @@ def _decode(lm, seqs: list[Seq], params: SamplingParams, stopper, max_steps: lis
 
     def finish() -> list[list[StepOut]]:
         for i, s in enumerate(seqs):
-            if s.ahead is not None and s.ahead.role == role:
+            if s.ahead_of(role):
                 s.ahead = None  # taken over by outs[i]
             if len(outs[i]) > max_steps[i]:
                 step = outs[i].pop()

@@ -54,11 +54,14 @@ class Seq:
     def cache(self, role: str) -> RowKV:
         return self.kv.setdefault(role, RowKV())
 
+    def ahead_of(self, role: str) -> Optional["Ahead"]:
+        """The step `role` began ahead, if it did."""
+        return self.ahead if self.ahead is not None and self.ahead.role == role else None
+
     def context(self, role: str) -> list[int]:
         """What `role` goes on from: the committed tokens, then the step it began ahead, if any."""
-        if self.ahead is not None and self.ahead.role == role:
-            return self.tokens + self.ahead.step.tokens
-        return self.tokens
+        a = self.ahead_of(role)
+        return self.tokens + a.step.tokens if a else self.tokens
 
     def drop_ahead(self) -> None:
         """Forget the step begun ahead (its prefix was rejected, or the sample is done): its tokens
