@@ -210,6 +210,43 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label_points(fig, ax, pts: list[dict]) -> list:
+    """Each point's label beside it, on the first side (right, or left near the right edge) and height
+    that covers no label placed before and no point or error bar: runs of nearly equal cost and
+    accuracy (δ sweeps) would otherwise print their labels on top of each other."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    placed = sorted(pts, key=lambda p: p["flops_per_sample"]["total"])
+    xs = [math.log10(max(p["flops_per_sample"]["total"], 1.0)) for p in placed]
+    span = max(xs[-1] - xs[0], 1e-9) if xs else 1.0
+    boxes = []
+    for p in placed:  # each point with its error bar, a few pixels wide
+        (x0, y0), (x1, y1) = ax.transData.transform([(p["flops_per_sample"]["total"], 100 * ci)
+                                                     for ci in p["accuracy_ci95"]])
+        boxes.append(Bbox([[x0 - 8, min(y0, y1) - 6], [x1 + 8, max(y0, y1) + 6]]))
+    # beside the point first, then further out, nearest first; a label moved away gets a leader line
+    offsets = sorted(((dx, dy) for dx in (7, 30, 55) for dy in (5, -14, 15, -24, 25, -34, 35, -44)),
+                     key=lambda o: math.hypot(o[0] - 7, o[1] - 5))
+    for i, p in enumerate(placed):
+        # left of the points near the right edge but the last (the margin leaves it room)
+        left = (xs[i] - xs[0]) / span > 0.85 and i < len(placed) - 1
+        for k, (dx, dy) in enumerate(offsets):
+            label = ax.annotate(p["label"], (p["flops_per_sample"]["total"], 100 * p["accuracy"]),
+                                textcoords="offset points", xytext=(-dx if left else dx, dy),
+                                ha="right" if left else "left", va="center", fontsize=7,
+                                arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if k else None)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+            if (inside and not any(box.overlaps(b) for b in boxes)) or k == len(offsets) - 1:
+                break
+            label.remove()
+        boxes.append(box)
+    return boxes[len(placed):]  # the labels' boxes, cheapest point first
+
+
 def plot_frontier(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -231,18 +268,6 @@ def plot_frontier(report: dict, path: Path) -> None:
     front = pareto_front(pts)
     ax.plot([p["flops_per_sample"]["total"] for p in front], [100 * p["accuracy"] for p in front],
             "--", color="0.5", lw=1, zorder=2, label="frontier")
-    # Labels: right of the point; left for the points near the right edge except the last (the
-    # margin leaves it room), stepped down when the previous point sits close by.
-    placed = sorted(pts, key=lambda p: p["flops_per_sample"]["total"])
-    xs = [math.log10(max(p["flops_per_sample"]["total"], 1.0)) for p in placed]
-    span = max(xs[-1] - xs[0], 1e-9) if xs else 1.0
-    for i, p in enumerate(placed):
-        close = i > 0 and (xs[i] - xs[i - 1]) / span < 0.08 \
-            and abs(placed[i - 1]["accuracy"] - p["accuracy"]) < 0.06
-        right_side = (xs[i] - xs[0]) / span > 0.85 and i < len(placed) - 1
-        ax.annotate(p["label"], (p["flops_per_sample"]["total"], 100 * p["accuracy"]),
-                    textcoords="offset points", xytext=(-7 if right_side else 7, -14 if close else 5),
-                    ha="right" if right_side else "left", fontsize=7)
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter
 
@@ -255,6 +280,7 @@ def plot_frontier(report: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    _label_points(fig, ax, pts)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -273,3 +273,34 @@ def test_runs_told_apart_by_a_model_format_not_its_file_hashes():
               point("oracle", {"config.json": None, "model.safetensors": None})]
     _disambiguate(points)
     assert [p["label"] for p in points] == ["rsd δ=0.7 (prm.format=math_shepherd)", "rsd δ=0.7 (prm.format=oracle)"]
+
+
+def test_frontier_labels_of_coinciding_points_do_not_overlap():
+    """A δ sweep puts several runs at nearly the same cost and accuracy: each label finds a place of
+    its own, inside the axes, clear of the other labels and of every point's error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rsd_batch.report import _label_points
+
+    def point(label, flops, acc):
+        return {"label": label, "flops_per_sample": {"total": flops}, "accuracy": acc,
+                "accuracy_ci95": [acc - 0.015, min(1.0, acc + 0.006)]}
+
+    pts = [point("draft_only", 5e7, 0.87), point("target_only", 1.1e9, 0.988)]
+    pts += [point(f"rsd δ={d}", 2.9e8 + 1e6 * i, 0.986 + 0.001 * i) for i, d in enumerate((0.3, 0.5, 0.7, 0.9))]
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=150)
+    ax.errorbar([p["flops_per_sample"]["total"] for p in pts], [100 * p["accuracy"] for p in pts], fmt="o")
+    ax.set_xscale("log")
+    ax.margins(x=0.16, y=0.08)
+    fig.tight_layout()
+    boxes = _label_points(fig, ax, pts)
+    texts = [t.get_text() for t in ax.texts]
+    plt.close(fig)
+    assert sorted(texts) == sorted(p["label"] for p in pts)
+    assert len(boxes) == len(pts)
+    for i, a in enumerate(boxes):
+        assert ax.bbox.x0 <= a.x0 and a.x1 <= ax.bbox.x1 and ax.bbox.y0 <= a.y0 and a.y1 <= ax.bbox.y1
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), texts
