@@ -262,7 +262,8 @@ def test_world_trained_with_the_target_beside_is_the_world_trained_in_turn(tmp_p
         tiny = dict(steps=4, eval_every=0, batch_size=4)
         cfg = ToyTrainConfig(out_dir=str(folder / "toy"), data_dir=str(folder / "data"), threads=threads,
                              parallel=parallel, stages=["data", "draft", "target", "prm"],
-                             draft=PolicySpec(**tiny), target=PolicySpec(num_layers=1, hidden_size=64, **tiny),
+                             draft=PolicySpec(**tiny, continue_steps=2, continue_lr=1e-4, continue_warmup=1),
+                             target=PolicySpec(num_layers=1, hidden_size=64, **tiny),
                              prm=PRMSpec(phase1_steps=2, steps=2, batch_size=10, n_rollout_problems=8,
                                          n_perturbed=8, n_clean=4, eval_every=0))
         cfg.eval.n_problems = 10
