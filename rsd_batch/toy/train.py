@@ -156,10 +156,11 @@ class ToyTrainConfig:
     stages: List[str] = field(default_factory=lambda: ["data", "draft", "target", "prm", "eval"])
     vocab_size: int = 1024
     problems: ProblemConfig = field(default_factory=ProblemConfig)
-    # At a constant 2e-3 the draft's accuracy moves by several points from one eval to the next (79-88%
-    # over 200 more steps); a few steps at 1e-4 settle it. On 1,000 "draft-val" problems (neither the held-out file nor the tests' fresh
-    # ones): 87.7% greedy / 97.2% steps at 2000, 88.7% / 97.5% after 3 more steps, 89.6% / 97.7% after 6,
-    # and past 90% after 8 at 1e-4 (after 5 at 1e-3). 3 is the middle of the 80-90% / >= 97% window.
+    # At a constant 2e-3 the draft's accuracy moves by several points from one eval to the next (48-88% at
+    # evals 25 steps apart, over 200 more steps); a few steps at 1e-4 settle it. Chosen on 1,000 "draft-val"
+    # problems (neither the held-out file nor the tests' fresh ones): 87.7% greedy / 97.2% of steps right at
+    # 2000, 88.7% / 97.5% after 3 more, 89.6% / 97.7% after 6; after 8 the held-out file is past 90% (and
+    # after 5 at 1e-3). 3 is in the middle of the 80-90% / >= 97% window.
     draft: PolicySpec = field(default_factory=lambda: PolicySpec(continue_steps=3, continue_lr=1e-4,
                                                                  continue_warmup=1))
     # 3.1M parameters (the draft is 1/23 of it): 800 cosine steps at batch 32 (97.8% held-out) + 200 steps at
