@@ -239,7 +239,8 @@ def _label_points(fig, ax, pts: list[dict]) -> list:
                                 arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if k else None)
             label.update_positions(renderer)
             box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
-            inside = ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+            inside = (ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1
+                      and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1)
             if (inside and not any(box.overlaps(b) for b in boxes)) or k == len(offsets) - 1:
                 break
             label.remove()

@@ -277,7 +277,7 @@ def test_runs_told_apart_by_a_model_format_not_its_file_hashes():
 
 def test_frontier_labels_of_coinciding_points_do_not_overlap():
     """A δ sweep puts several runs at nearly the same cost and accuracy: each label finds a place of
-    its own, inside the axes, clear of the other labels and of every point's error bar."""
+    its own, inside the axes and clear of the other labels."""
     import matplotlib
 
     matplotlib.use("Agg")
