@@ -1,6 +1,6 @@
 """Regenerate the embedded toy world (tokenizer, held-out problems, draft, target, Math-Shepherd PRM).
 
-    python jobs/train_toy.py                         # everything, from seeds (the target beside draft + PRM: 42 min here, the shipped folders byte for byte)
+    python jobs/train_toy.py                         # everything, from seeds (the target beside draft + PRM: 44 min here, the shipped folders)
     python jobs/train_toy.py stages=[eval]           # re-measure the shipped folders, print the table
     python jobs/train_toy.py draft.steps=4000 out_dir=/tmp/toy data_dir=/tmp/toy_data
 

@@ -135,8 +135,9 @@ class PRMSpec:
 class EvalSpec:
     n_problems: int = 500  # the held-out file
     prm_temperature: float = 0.7
-    # 8: ~730 wrong operation steps. With 2 (~185, about half of them distinct) the op-step AUROC moved by
-    # about ±0.01 from sample to sample (0.967 on the held-out file, 0.980 and 0.989 on fresh problems).
+    # 8: 600-730 wrong operation steps. With 2 (~185, about half of them distinct) the op-step AUROC of an
+    # earlier PRM moved by about ±0.01 from sample to sample (0.967 on the held-out file, 0.980 and 0.989
+    # on fresh problems).
     prm_samples_per_problem: int = 8
     deltas: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     seed: int = 1234
